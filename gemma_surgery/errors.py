@@ -1,0 +1,37 @@
+"""Typed errors raised by gemma_surgery.
+
+Every error the library raises on bad input derives from `GemmaSurgeryError`, so
+callers can catch the whole family with one clause, or a precise subclass when
+they want to react to one kind of problem. Messages name what was wrong and what
+would have been valid.
+"""
+
+from __future__ import annotations
+
+
+class GemmaSurgeryError(Exception):
+  """Base class of every error raised deliberately by gemma_surgery."""
+
+
+class ConfigError(GemmaSurgeryError, ValueError):
+  """An architecture configuration is invalid, unknown or inconsistent."""
+
+
+class CheckpointError(GemmaSurgeryError, ValueError):
+  """A checkpoint is missing, corrupt, truncated or does not fit the config."""
+
+
+class HubError(GemmaSurgeryError, OSError):
+  """A download from Kaggle or Hugging Face failed (network, credentials)."""
+
+
+class TokenizerError(GemmaSurgeryError, ValueError):
+  """A tokenizer file is missing or invalid."""
+
+
+class InputError(GemmaSurgeryError, ValueError):
+  """Model inputs are invalid (e.g. token ids outside the vocabulary)."""
+
+
+class ShardingError(GemmaSurgeryError, ValueError):
+  """A mesh or sharding rule does not fit the model or the devices."""
