@@ -1,0 +1,334 @@
+"""Builds a Penzai Gemma model from a `GemmaConfig`.
+
+The tree is made of Penzai 0.2.5's public layers (``pz.nn.Attention``,
+``RMSLayerNorm``, ``Linear``, ``TransformerBlock``…), so every Penzai tool
+(selection, KV-cache conversion, treescope) works on it unchanged. Two small
+layers add what Penzai 0.2.5 lacks for Gemma 3: `ScaledRoPE` (per-layer RoPE
+base *and* linear position scaling) and QK-norm, which is a plain
+``RMSLayerNorm`` across ``projection`` inserted between the q/k projections and
+RoPE.
+
+Axis names follow Penzai: ``batch``, ``seq``, ``kv_seq``, ``embedding``,
+``projection``, ``neurons``, ``vocabulary``; attention heads are ``heads``
+(MHA), ``query_heads`` (MQA) or ``head_groups`` × ``query_heads`` (GQA).
+Side inputs: ``token_positions`` (``{batch, seq}`` int, −1 marks padding).
+
+Parameter labels are ``transformer/embedder.embeddings``,
+``transformer/block_{i}/attention/{query,key,value,output}.weights``,
+``transformer/block_{i}/attention/{query,key}_norm/scale.weights``,
+``transformer/block_{i}/{pre,post}_{attention,ffw}_norm/scale.weights``,
+``transformer/block_{i}/mlp/{gating,value,out}_linear.weights`` and
+``transformer/final_norm/scale.weights``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+from penzai.models.transformer import model_parts
+
+from gemma_surgery import errors
+from gemma_surgery.config import GemmaConfig
+
+# The value used by the reference implementation for masked-out logits.
+MASKED_OUT_VALUE = -2.3819763e38
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # pytype: disable=wrong-keyword-args
+class ScaledRoPE(pz.nn.ApplyRoPE):
+  """Rotary position embedding with linear position scaling.
+
+  Identical to ``pz.nn.ApplyRoPE`` except that positions are divided by
+  ``scale_factor`` first (Hugging Face's ``rope_type="linear"``), which Gemma 3
+  4B/12B/27B use on their global layers.
+
+  Attributes:
+    scale_factor: Positions are divided by this before computing the angles.
+  """
+
+  scale_factor: float = dataclasses.field(
+      default=1.0, metadata={"pytree_node": False}
+  )
+
+  def _apply_1d(self, input_slice: jax.Array, position: jax.Array) -> jax.Array:
+    scaled = position.astype(jnp.float32) / self.scale_factor
+    return super()._apply_1d(input_slice, scaled)
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # pytype: disable=wrong-keyword-args
+class GemmaTransformerLM(model_parts.TransformerLM):
+  """A Penzai ``TransformerLM`` that also carries its `GemmaConfig`.
+
+  It is a subclass, so Penzai's tooling (``KVCachingTransformerLM``
+  conversion, selections on ``TransformerLM``) treats it as any Penzai LM.
+
+  Called on a ``{batch, seq}`` (or ``{seq}``) NamedArray of token ids, it
+  returns ``{batch, seq, vocabulary}`` logits. When the ids are concrete (not
+  traced under ``jit``) they are checked against the vocabulary first, since
+  JAX would otherwise clamp out-of-range ids silently.
+
+  Attributes:
+    config: The architecture (static).
+  """
+
+  config: GemmaConfig = dataclasses.field(
+      default=None, metadata={"pytree_node": False}
+  )
+
+  def __call__(self, tokens: pz.nx.NamedArray, **side_inputs) -> Any:
+    if self.config is not None:
+      check_concrete_token_ids(tokens, self.config.vocab_size)
+    return super().__call__(tokens, **side_inputs)
+
+
+def check_concrete_token_ids(tokens: Any, vocab_size: int) -> None:
+  """Raises `InputError` for concrete ids outside ``[0, vocab_size)``.
+
+  Traced values (inside ``jit``) cannot be inspected and are let through.
+  """
+  data = tokens.data_array if isinstance(tokens, pz.nx.NamedArray) else tokens
+  if isinstance(data, jax.core.Tracer):
+    return
+  ids = np.asarray(data)
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise errors.InputError(
+        f"Token ids must be integers, got dtype {ids.dtype}."
+    )
+  bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+  if bad.size:
+    where = [tuple(int(i) for i in idx) for idx in bad[:5]]
+    values = [int(ids[idx]) for idx in where]
+    raise errors.InputError(
+        f"Token ids {values} at positions {where} are outside the vocabulary;"
+        f" valid ids are 0..{vocab_size - 1} (vocab_size={vocab_size})."
+    )
+
+
+def head_axes(config: GemmaConfig) -> tuple[dict[str, int], dict[str, int]]:
+  """Penzai's head axes: ``(common_head_axes, query_only_head_axes)``."""
+  if config.queries_per_kv_head == 1:
+    return {"heads": config.num_heads}, {}
+  if config.num_kv_heads == 1:
+    return {}, {"query_heads": config.num_heads}
+  return (
+      {"head_groups": config.num_kv_heads},
+      {"query_heads": config.queries_per_kv_head},
+  )
+
+
+def _dtype(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def _rms_norm(name, rng, axes, config) -> pz.nn.RMSLayerNorm:
+  return pz.nn.RMSLayerNorm.from_config(
+      name=name,
+      init_base_rng=rng,
+      across_axes=axes,
+      dtype=_dtype(config.parameter_dtype),
+      epsilon=config.rms_norm_eps,
+  )
+
+
+def _linear(name, rng, inputs, outputs, config) -> pz.nn.Linear:
+  return pz.nn.Linear.from_config(
+      name=name,
+      init_base_rng=rng,
+      input_axes=inputs,
+      output_axes=outputs,
+      dtype=_dtype(config.parameter_dtype),
+  )
+
+
+def build_attention(
+    name: str, rng: jax.Array | None, config: GemmaConfig, layer: int
+) -> pz.nn.Attention:
+  """Builds the attention sublayer of block ``layer``."""
+  common, q_only = head_axes(config)
+  common_ix = {ax: ax for ax in common}
+  q_ix = {ax: ax for ax in q_only}
+  d = {"embedding": config.embedding_dim}
+  proj = {"projection": config.head_dim}
+  act = _dtype(config.compute_dtype)
+
+  def rope():
+    return ScaledRoPE(
+        embedding_axis="projection",
+        max_wavelength=config.rope_base(layer),
+        positions_input_name="token_positions",
+        scale_factor=config.rope_scale(layer),
+    )
+
+  query = [_linear(f"{name}/query", rng, d, {**common, **q_only, **proj}, config)]
+  key = [_linear(f"{name}/key", rng, d, {**common, **proj}, config)]
+  if config.use_qk_norm:
+    query.append(_rms_norm(f"{name}/query_norm", rng, proj, config))
+    key.append(_rms_norm(f"{name}/key_norm", rng, proj, config))
+  query += [rope(), pz.nn.ConstantRescale(by=jnp.array(config.query_scale, act))]
+  key.append(rope())
+
+  scores = [
+      pz.nn.NamedEinsum(
+          (
+              {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
+              {"seq": "tkv", **common_ix, "projection": "p"},
+          ),
+          {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
+      )
+  ]
+  if config.attn_logits_soft_cap is not None:
+    scores.append(
+        pz.nn.TanhSoftCap(soft_cap=jnp.array(config.attn_logits_soft_cap, act))
+    )
+  masked = jnp.array(MASKED_OUT_VALUE, act)
+  if config.is_local(layer):
+    scores.append(
+        pz.nn.ApplyCausalSlidingWindowAttentionMask(
+            sliding_window_size=config.sliding_window, masked_out_value=masked
+        )
+    )
+  else:
+    scores.append(pz.nn.ApplyCausalAttentionMask(masked_out_value=masked))
+  scores.append(pz.nn.Softmax("kv_seq"))
+
+  return pz.nn.Attention(
+      input_to_query=pz.nn.Sequential(query),
+      input_to_key=pz.nn.Sequential(key),
+      input_to_value=pz.nn.Sequential(
+          [_linear(f"{name}/value", rng, d, {**common, **proj}, config)]
+      ),
+      query_key_to_attn=pz.nn.Sequential(scores),
+      attn_value_to_output=pz.nn.Sequential([
+          pz.nn.NamedEinsum(
+              (
+                  {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
+                  {"seq": "tkv", **common_ix, "projection": "p"},
+              ),
+              {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
+          ),
+          _linear(f"{name}/output", rng, {**common, **q_only, **proj}, d, config),
+      ]),
+  )
+
+
+def build_feedforward(
+    name: str, rng: jax.Array | None, config: GemmaConfig
+) -> model_parts.TransformerFeedForward:
+  """GeGLU MLP: ``out(gelu_tanh(gate(x)) * value(x))``."""
+  d = {"embedding": config.embedding_dim}
+  f = {"neurons": config.mlp_hidden_dim}
+  gelu = functools.partial(jax.nn.gelu, approximate=True)
+  return model_parts.TransformerFeedForward([
+      pz.nn.BranchAndMultiplyTogether(
+          branches=[
+              pz.nn.NamedGroup(
+                  "gate",
+                  [
+                      _linear(f"{name}/gating_linear", rng, d, f, config),
+                      pz.nn.Elementwise(gelu),
+                  ],
+              ),
+              _linear(f"{name}/value_linear", rng, d, f, config),
+          ]
+      ),
+      _linear(f"{name}/out_linear", rng, f, d, config),
+  ])
+
+
+def build_block(
+    name: str, rng: jax.Array | None, config: GemmaConfig, layer: int
+) -> model_parts.TransformerBlock:
+  """One transformer block: attention then MLP, each in a ``Residual``."""
+  d = {"embedding": config.embedding_dim}
+  attn = [
+      _rms_norm(f"{name}/pre_attention_norm", rng, d, config),
+      build_attention(f"{name}/attention", rng, config, layer),
+  ]
+  if config.use_post_attn_norm:
+    attn.append(_rms_norm(f"{name}/post_attention_norm", rng, d, config))
+  ffw = [
+      _rms_norm(f"{name}/pre_ffw_norm", rng, d, config),
+      build_feedforward(f"{name}/mlp", rng, config),
+  ]
+  if config.use_post_ffw_norm:
+    ffw.append(_rms_norm(f"{name}/post_ffw_norm", rng, d, config))
+  return model_parts.TransformerBlock(
+      sublayers=[
+          pz.nn.Residual(pz.nn.Sequential(attn)),
+          pz.nn.Residual(pz.nn.Sequential(ffw)),
+      ]
+  )
+
+
+def build_model(
+    config: GemmaConfig,
+    init_base_rng: jax.Array | None = None,
+    name: str = "transformer",
+) -> GemmaTransformerLM:
+  """Builds a Gemma model.
+
+  Args:
+    config: The architecture.
+    init_base_rng: RNG to initialize random parameters, or None to leave
+      parameter slots to be bound with ``pz.bind_variables`` (what the loaders
+      do).
+    name: Prefix of every parameter label.
+
+  Returns:
+    A `GemmaTransformerLM` mapping ``{batch, seq}`` token ids to
+    ``{batch, seq, vocabulary}`` logits.
+  """
+  if not config.tie_embeddings:
+    raise errors.ConfigError(
+        "Untied embeddings are not a Gemma architecture; tie_embeddings must"
+        " be True."
+    )
+  act = _dtype(config.compute_dtype)
+  table = pz.nn.EmbeddingTable.from_config(
+      name=f"{name}/embedder",
+      init_base_rng=init_base_rng,
+      vocab_size=config.vocab_size,
+      embedding_axes={"embedding": config.embedding_dim},
+      dtype=_dtype(config.parameter_dtype),
+  )
+  layers: list[pz.nn.Layer] = [pz.nn.EmbeddingLookup(table)]
+  if config.compute_dtype != config.parameter_dtype:
+    layers.append(pz.nn.CastToDType(act))
+  layers.append(
+      pz.nn.ConstantRescale(by=jnp.sqrt(config.embedding_dim).astype(act))
+  )
+  for i in range(config.num_layers):
+    layers.append(build_block(f"{name}/block_{i}", init_base_rng, config, i))
+  layers.append(
+      _rms_norm(
+          f"{name}/final_norm",
+          init_base_rng,
+          {"embedding": config.embedding_dim},
+          config,
+      )
+  )
+  layers.append(pz.nn.EmbeddingDecode(table))
+  if config.final_logit_softcap is not None:
+    layers.append(
+        pz.nn.TanhSoftCap(soft_cap=jnp.array(config.final_logit_softcap, act))
+    )
+  common, q_only = head_axes(config)
+  return GemmaTransformerLM(
+      body=pz.nn.Sequential(layers),
+      metadata=model_parts.TransformerMetadata(
+          common_head_axes=common,
+          query_only_head_axes=q_only,
+          embedding_dim=config.embedding_dim,
+          projection_dim=config.head_dim,
+          mlp_hidden_dim=config.mlp_hidden_dim,
+          vocab_size=config.vocab_size,
+          activation_dtype=act,
+      ),
+      config=config,
+  )

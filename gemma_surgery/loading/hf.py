@@ -1,0 +1,169 @@
+"""Hugging Face Gemma checkpoints: ``config.json`` + ``*.safetensors``.
+
+Reads single-file and sharded (``model.safetensors.index.json``) checkpoints
+with ``safetensors`` in numpy mode: no ``torch``, no ``transformers``, and never
+a pickled ``pytorch_model.bin``. Only text-model tensors are read, so the
+vision tower of a multimodal Gemma 3 checkpoint is never loaded.
+
+Weight names (after stripping the multimodal prefixes
+``model.language_model.`` / ``language_model.model.``) map to the canonical
+names of `gemma_surgery.loading.params`::
+
+  model.embed_tokens.weight                  [V, D]     -> embedder
+  model.norm.weight                          [D]        -> final_norm
+  model.layers.i.self_attn.q_proj.weight     [N*H, D]   -> layer_i/attn/q
+  model.layers.i.self_attn.k_proj/v_proj     [K*H, D]   -> layer_i/attn/k, v
+  model.layers.i.self_attn.o_proj.weight     [D, N*H]   -> layer_i/attn/o
+  model.layers.i.self_attn.q_norm/k_norm     [H]        -> attn/query_norm, key_norm
+  model.layers.i.mlp.gate_proj/up_proj       [F, D]     -> mlp/gate, mlp/up
+  model.layers.i.mlp.down_proj               [D, F]     -> mlp/down
+  model.layers.i.input_layernorm             [D]        -> pre_attention_norm
+  model.layers.i.post_attention_layernorm    [D]        -> post_attention_norm
+                                                           (pre_ffw_norm on Gemma 1)
+  model.layers.i.pre_feedforward_layernorm   [D]        -> pre_ffw_norm
+  model.layers.i.post_feedforward_layernorm  [D]        -> post_ffw_norm
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+import safetensors
+from tqdm.auto import tqdm
+
+from gemma_surgery import errors
+from gemma_surgery.config import GemmaConfig
+
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+
+
+def _canonical_name(hf_name: str, family: str) -> str | None:
+  """Canonical name of an HF tensor, or None for tensors we don't use."""
+  for prefix in _PREFIXES:
+    if hf_name.startswith(prefix):
+      name = hf_name[len(prefix) :]
+      break
+  else:
+    return None
+  if name == "embed_tokens.weight":
+    return "embedder"
+  if name == "norm.weight":
+    return "final_norm"
+  parts = name.split(".")
+  if parts[0] != "layers" or parts[-1] != "weight" or len(parts) not in (4, 5):
+    return None
+  layer, group = parts[1], parts[2]
+  norms = {
+      "input_layernorm": "pre_attention_norm",
+      "post_attention_layernorm": (
+          "pre_ffw_norm" if family == "gemma1" else "post_attention_norm"
+      ),
+      "pre_feedforward_layernorm": "pre_ffw_norm",
+      "post_feedforward_layernorm": "post_ffw_norm",
+  }
+  leaves = {
+      "self_attn": {
+          "q_proj": "attn/q",
+          "k_proj": "attn/k",
+          "v_proj": "attn/v",
+          "o_proj": "attn/o",
+          "q_norm": "attn/query_norm",
+          "k_norm": "attn/key_norm",
+      },
+      "mlp": {"gate_proj": "mlp/gate", "up_proj": "mlp/up", "down_proj": "mlp/down"},
+  }
+  if len(parts) == 4:
+    target = norms.get(group)
+  else:
+    target = leaves.get(group, {}).get(parts[3])
+  return None if target is None else f"layer_{layer}/{target}"
+
+
+def _to_canonical_layout(
+    name: str, arr: np.ndarray, config: GemmaConfig
+) -> np.ndarray:
+  """Reorders an HF (out, in) matrix into the canonical layout."""
+  h, d = config.head_dim, config.embedding_dim
+  leaf = name.split("/", 1)[-1]
+  if leaf in ("attn/q", "attn/k", "attn/v"):
+    if arr.ndim != 2 or arr.shape[0] % h or arr.shape[1] != d:
+      return arr  # Leave it to the shape check to report.
+    return arr.reshape(arr.shape[0] // h, h, d).transpose(0, 2, 1)
+  if leaf == "attn/o":
+    if arr.ndim != 2 or arr.shape[1] % h or arr.shape[0] != d:
+      return arr
+    return arr.reshape(d, arr.shape[1] // h, h).transpose(1, 2, 0)
+  if leaf.startswith("mlp/"):
+    return arr.T
+  return arr
+
+
+def safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """The checkpoint's safetensors files, validated against its index."""
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise errors.CheckpointError(f"{index} is not a valid index: {e}") from e
+    files = [directory / f for f in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+      raise errors.CheckpointError(
+          f"{index} lists shard(s) {missing} that are not in {directory};"
+          " the download may be incomplete."
+      )
+    return files
+  files = sorted(directory.glob("*.safetensors"))
+  if not files:
+    hint = ""
+    if list(directory.glob("*.bin")):
+      hint = (
+          " It has pytorch *.bin files, which are pickles and are never loaded;"
+          " convert them to safetensors first."
+      )
+    raise errors.CheckpointError(f"No *.safetensors files in {directory}.{hint}")
+  return files
+
+
+def read_hf_params(
+    directory: str | pathlib.Path,
+    config: GemmaConfig,
+    *,
+    progress: bool = True,
+    keep: Callable[[str], bool] | None = None,
+) -> dict[str, np.ndarray]:
+  """Reads an HF checkpoint's text weights as canonical numpy arrays.
+
+  Args:
+    directory: Folder with ``*.safetensors`` (and optionally the index).
+    config: The architecture (from ``config.json``), used for the layout.
+    progress: Show a progress bar over tensors.
+    keep: Optional filter on canonical names (e.g. for partial loads).
+
+  Raises:
+    CheckpointError: Missing or corrupt files.
+  """
+  directory = pathlib.Path(directory)
+  files = safetensors_files(directory)
+  params: dict[str, np.ndarray] = {}
+  bar = tqdm(total=None, desc="Reading safetensors", unit="tensor", disable=not progress)
+  for path in files:
+    try:
+      with safetensors.safe_open(str(path), framework="numpy") as f:
+        for hf_name in f.keys():
+          name = _canonical_name(hf_name, config.family)
+          if name is None or (keep is not None and not keep(name)):
+            continue
+          params[name] = _to_canonical_layout(name, f.get_tensor(hf_name), config)
+          bar.update()
+    except safetensors.SafetensorError as e:
+      raise errors.CheckpointError(
+          f"Cannot read {path}: {e}. The file may be truncated or corrupt;"
+          " delete it and download again."
+      ) from e
+  bar.close()
+  return params
