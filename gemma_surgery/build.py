@@ -40,7 +40,9 @@ from gemma_surgery.config import GemmaConfig
 MASKED_OUT_VALUE = -2.3819763e38
 
 
-@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # pytype: disable=wrong-keyword-args
+@pz.pytree_dataclass(
+  has_implicitly_inherited_fields=True
+)  # pytype: disable=wrong-keyword-args
 class ScaledRoPE(pz.nn.ApplyRoPE):
   """Rotary position embedding with linear position scaling.
 
@@ -52,16 +54,16 @@ class ScaledRoPE(pz.nn.ApplyRoPE):
     scale_factor: Positions are divided by this before computing the angles.
   """
 
-  scale_factor: float = dataclasses.field(
-      default=1.0, metadata={"pytree_node": False}
-  )
+  scale_factor: float = dataclasses.field(default=1.0, metadata={"pytree_node": False})
 
   def _apply_1d(self, input_slice: jax.Array, position: jax.Array) -> jax.Array:
     scaled = position.astype(jnp.float32) / self.scale_factor
     return super()._apply_1d(input_slice, scaled)
 
 
-@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # pytype: disable=wrong-keyword-args
+@pz.pytree_dataclass(
+  has_implicitly_inherited_fields=True
+)  # pytype: disable=wrong-keyword-args
 class GemmaTransformerLM(model_parts.TransformerLM):
   """A Penzai ``TransformerLM`` that also carries its `GemmaConfig`.
 
@@ -77,9 +79,7 @@ class GemmaTransformerLM(model_parts.TransformerLM):
     config: The architecture (static).
   """
 
-  config: GemmaConfig = dataclasses.field(
-      default=None, metadata={"pytree_node": False}
-  )
+  config: GemmaConfig = dataclasses.field(default=None, metadata={"pytree_node": False})
 
   def __call__(self, tokens: pz.nx.NamedArray, **side_inputs) -> Any:
     if self.config is not None:
@@ -97,16 +97,14 @@ def check_concrete_token_ids(tokens: Any, vocab_size: int) -> None:
     return
   ids = np.asarray(data)
   if not np.issubdtype(ids.dtype, np.integer):
-    raise errors.InputError(
-        f"Token ids must be integers, got dtype {ids.dtype}."
-    )
+    raise errors.InputError(f"Token ids must be integers, got dtype {ids.dtype}.")
   bad = np.argwhere((ids < 0) | (ids >= vocab_size))
   if bad.size:
     where = [tuple(int(i) for i in idx) for idx in bad[:5]]
     values = [int(ids[idx]) for idx in where]
     raise errors.InputError(
-        f"Token ids {values} at positions {where} are outside the vocabulary;"
-        f" valid ids are 0..{vocab_size - 1} (vocab_size={vocab_size})."
+      f"Token ids {values} at positions {where} are outside the vocabulary;"
+      f" valid ids are 0..{vocab_size - 1} (vocab_size={vocab_size})."
     )
 
 
@@ -117,8 +115,8 @@ def head_axes(config: GemmaConfig) -> tuple[dict[str, int], dict[str, int]]:
   if config.num_kv_heads == 1:
     return {}, {"query_heads": config.num_heads}
   return (
-      {"head_groups": config.num_kv_heads},
-      {"query_heads": config.queries_per_kv_head},
+    {"head_groups": config.num_kv_heads},
+    {"query_heads": config.queries_per_kv_head},
   )
 
 
@@ -128,26 +126,26 @@ def _dtype(name: str) -> jnp.dtype:
 
 def _rms_norm(name, rng, axes, config) -> pz.nn.RMSLayerNorm:
   return pz.nn.RMSLayerNorm.from_config(
-      name=name,
-      init_base_rng=rng,
-      across_axes=axes,
-      dtype=_dtype(config.parameter_dtype),
-      epsilon=config.rms_norm_eps,
+    name=name,
+    init_base_rng=rng,
+    across_axes=axes,
+    dtype=_dtype(config.parameter_dtype),
+    epsilon=config.rms_norm_eps,
   )
 
 
 def _linear(name, rng, inputs, outputs, config) -> pz.nn.Linear:
   return pz.nn.Linear.from_config(
-      name=name,
-      init_base_rng=rng,
-      input_axes=inputs,
-      output_axes=outputs,
-      dtype=_dtype(config.parameter_dtype),
+    name=name,
+    init_base_rng=rng,
+    input_axes=inputs,
+    output_axes=outputs,
+    dtype=_dtype(config.parameter_dtype),
   )
 
 
 def build_attention(
-    name: str, rng: jax.Array | None, config: GemmaConfig, layer: int
+  name: str, rng: jax.Array | None, config: GemmaConfig, layer: int
 ) -> pz.nn.Attention:
   """Builds the attention sublayer of block ``layer``."""
   common, q_only = head_axes(config)
@@ -159,10 +157,10 @@ def build_attention(
 
   def rope():
     return ScaledRoPE(
-        embedding_axis="projection",
-        max_wavelength=config.rope_base(layer),
-        positions_input_name="token_positions",
-        scale_factor=config.rope_scale(layer),
+      embedding_axis="projection",
+      max_wavelength=config.rope_base(layer),
+      positions_input_name="token_positions",
+      scale_factor=config.rope_scale(layer),
     )
 
   query = [_linear(f"{name}/query", rng, d, {**common, **q_only, **proj}, config)]
@@ -174,102 +172,106 @@ def build_attention(
   key.append(rope())
 
   scores = [
-      pz.nn.NamedEinsum(
-          (
-              {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
-              {"seq": "tkv", **common_ix, "projection": "p"},
-          ),
-          {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
-      )
+    pz.nn.NamedEinsum(
+      (
+        {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
+        {"seq": "tkv", **common_ix, "projection": "p"},
+      ),
+      {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
+    )
   ]
   if config.attn_logits_soft_cap is not None:
     scores.append(
-        pz.nn.TanhSoftCap(soft_cap=jnp.array(config.attn_logits_soft_cap, act))
+      pz.nn.TanhSoftCap(soft_cap=jnp.array(config.attn_logits_soft_cap, act))
     )
   masked = jnp.array(MASKED_OUT_VALUE, act)
   if config.is_local(layer):
     scores.append(
-        pz.nn.ApplyCausalSlidingWindowAttentionMask(
-            sliding_window_size=config.sliding_window, masked_out_value=masked
-        )
+      pz.nn.ApplyCausalSlidingWindowAttentionMask(
+        sliding_window_size=config.sliding_window, masked_out_value=masked
+      )
     )
   else:
     scores.append(pz.nn.ApplyCausalAttentionMask(masked_out_value=masked))
   scores.append(pz.nn.Softmax("kv_seq"))
 
   return pz.nn.Attention(
-      input_to_query=pz.nn.Sequential(query),
-      input_to_key=pz.nn.Sequential(key),
-      input_to_value=pz.nn.Sequential(
-          [_linear(f"{name}/value", rng, d, {**common, **proj}, config)]
-      ),
-      query_key_to_attn=pz.nn.Sequential(scores),
-      attn_value_to_output=pz.nn.Sequential([
-          pz.nn.NamedEinsum(
-              (
-                  {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
-                  {"seq": "tkv", **common_ix, "projection": "p"},
-              ),
-              {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
+    input_to_query=pz.nn.Sequential(query),
+    input_to_key=pz.nn.Sequential(key),
+    input_to_value=pz.nn.Sequential(
+      [_linear(f"{name}/value", rng, d, {**common, **proj}, config)]
+    ),
+    query_key_to_attn=pz.nn.Sequential(scores),
+    attn_value_to_output=pz.nn.Sequential(
+      [
+        pz.nn.NamedEinsum(
+          (
+            {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
+            {"seq": "tkv", **common_ix, "projection": "p"},
           ),
-          _linear(f"{name}/output", rng, {**common, **q_only, **proj}, d, config),
-      ]),
+          {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
+        ),
+        _linear(f"{name}/output", rng, {**common, **q_only, **proj}, d, config),
+      ]
+    ),
   )
 
 
 def build_feedforward(
-    name: str, rng: jax.Array | None, config: GemmaConfig
+  name: str, rng: jax.Array | None, config: GemmaConfig
 ) -> model_parts.TransformerFeedForward:
   """GeGLU MLP: ``out(gelu_tanh(gate(x)) * value(x))``."""
   d = {"embedding": config.embedding_dim}
   f = {"neurons": config.mlp_hidden_dim}
   gelu = functools.partial(jax.nn.gelu, approximate=True)
-  return model_parts.TransformerFeedForward([
+  return model_parts.TransformerFeedForward(
+    [
       pz.nn.BranchAndMultiplyTogether(
-          branches=[
-              pz.nn.NamedGroup(
-                  "gate",
-                  [
-                      _linear(f"{name}/gating_linear", rng, d, f, config),
-                      pz.nn.Elementwise(gelu),
-                  ],
-              ),
-              _linear(f"{name}/value_linear", rng, d, f, config),
-          ]
+        branches=[
+          pz.nn.NamedGroup(
+            "gate",
+            [
+              _linear(f"{name}/gating_linear", rng, d, f, config),
+              pz.nn.Elementwise(gelu),
+            ],
+          ),
+          _linear(f"{name}/value_linear", rng, d, f, config),
+        ]
       ),
       _linear(f"{name}/out_linear", rng, f, d, config),
-  ])
+    ]
+  )
 
 
 def build_block(
-    name: str, rng: jax.Array | None, config: GemmaConfig, layer: int
+  name: str, rng: jax.Array | None, config: GemmaConfig, layer: int
 ) -> model_parts.TransformerBlock:
   """One transformer block: attention then MLP, each in a ``Residual``."""
   d = {"embedding": config.embedding_dim}
   attn = [
-      _rms_norm(f"{name}/pre_attention_norm", rng, d, config),
-      build_attention(f"{name}/attention", rng, config, layer),
+    _rms_norm(f"{name}/pre_attention_norm", rng, d, config),
+    build_attention(f"{name}/attention", rng, config, layer),
   ]
   if config.use_post_attn_norm:
     attn.append(_rms_norm(f"{name}/post_attention_norm", rng, d, config))
   ffw = [
-      _rms_norm(f"{name}/pre_ffw_norm", rng, d, config),
-      build_feedforward(f"{name}/mlp", rng, config),
+    _rms_norm(f"{name}/pre_ffw_norm", rng, d, config),
+    build_feedforward(f"{name}/mlp", rng, config),
   ]
   if config.use_post_ffw_norm:
     ffw.append(_rms_norm(f"{name}/post_ffw_norm", rng, d, config))
   return model_parts.TransformerBlock(
-      sublayers=[
-          pz.nn.Residual(pz.nn.Sequential(attn)),
-          pz.nn.Residual(pz.nn.Sequential(ffw)),
-      ]
+    sublayers=[
+      pz.nn.Residual(pz.nn.Sequential(attn)),
+      pz.nn.Residual(pz.nn.Sequential(ffw)),
+    ]
   )
 
 
 def build_model(
-    config: GemmaConfig,
-    init_base_rng: jax.Array | None = None,
-    name: str = "transformer",
+  config: GemmaConfig,
+  init_base_rng: jax.Array | None = None,
+  name: str = "transformer",
 ) -> GemmaTransformerLM:
   """Builds a Gemma model.
 
@@ -286,49 +288,46 @@ def build_model(
   """
   if not config.tie_embeddings:
     raise errors.ConfigError(
-        "Untied embeddings are not a Gemma architecture; tie_embeddings must"
-        " be True."
+      "Untied embeddings are not a Gemma architecture; tie_embeddings must be True."
     )
   act = _dtype(config.compute_dtype)
   table = pz.nn.EmbeddingTable.from_config(
-      name=f"{name}/embedder",
-      init_base_rng=init_base_rng,
-      vocab_size=config.vocab_size,
-      embedding_axes={"embedding": config.embedding_dim},
-      dtype=_dtype(config.parameter_dtype),
+    name=f"{name}/embedder",
+    init_base_rng=init_base_rng,
+    vocab_size=config.vocab_size,
+    embedding_axes={"embedding": config.embedding_dim},
+    dtype=_dtype(config.parameter_dtype),
   )
   layers: list[pz.nn.Layer] = [pz.nn.EmbeddingLookup(table)]
   if config.compute_dtype != config.parameter_dtype:
     layers.append(pz.nn.CastToDType(act))
-  layers.append(
-      pz.nn.ConstantRescale(by=jnp.sqrt(config.embedding_dim).astype(act))
-  )
+  layers.append(pz.nn.ConstantRescale(by=jnp.sqrt(config.embedding_dim).astype(act)))
   for i in range(config.num_layers):
     layers.append(build_block(f"{name}/block_{i}", init_base_rng, config, i))
   layers.append(
-      _rms_norm(
-          f"{name}/final_norm",
-          init_base_rng,
-          {"embedding": config.embedding_dim},
-          config,
-      )
+    _rms_norm(
+      f"{name}/final_norm",
+      init_base_rng,
+      {"embedding": config.embedding_dim},
+      config,
+    )
   )
   layers.append(pz.nn.EmbeddingDecode(table))
   if config.final_logit_softcap is not None:
     layers.append(
-        pz.nn.TanhSoftCap(soft_cap=jnp.array(config.final_logit_softcap, act))
+      pz.nn.TanhSoftCap(soft_cap=jnp.array(config.final_logit_softcap, act))
     )
   common, q_only = head_axes(config)
   return GemmaTransformerLM(
-      body=pz.nn.Sequential(layers),
-      metadata=model_parts.TransformerMetadata(
-          common_head_axes=common,
-          query_only_head_axes=q_only,
-          embedding_dim=config.embedding_dim,
-          projection_dim=config.head_dim,
-          mlp_hidden_dim=config.mlp_hidden_dim,
-          vocab_size=config.vocab_size,
-          activation_dtype=act,
-      ),
-      config=config,
+    body=pz.nn.Sequential(layers),
+    metadata=model_parts.TransformerMetadata(
+      common_head_axes=common,
+      query_only_head_axes=q_only,
+      embedding_dim=config.embedding_dim,
+      projection_dim=config.head_dim,
+      mlp_hidden_dim=config.mlp_hidden_dim,
+      vocab_size=config.vocab_size,
+      activation_dtype=act,
+    ),
+    config=config,
   )

@@ -106,28 +106,28 @@ class GemmaConfig:
     if self.family not in ("gemma1", "gemma2", "gemma3"):
       fail(f"family={self.family!r}; valid: 'gemma1', 'gemma2', 'gemma3'")
     for name in (
-        "num_layers",
-        "embedding_dim",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "mlp_hidden_dim",
-        "vocab_size",
+      "num_layers",
+      "embedding_dim",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "mlp_hidden_dim",
+      "vocab_size",
     ):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         fail(f"{name}={value!r} must be a positive integer")
     if self.num_heads % self.num_kv_heads:
       fail(
-          f"num_heads={self.num_heads} is not a multiple of"
-          f" num_kv_heads={self.num_kv_heads}"
+        f"num_heads={self.num_heads} is not a multiple of"
+        f" num_kv_heads={self.num_kv_heads}"
       )
     if self.head_dim % 2:
       fail(f"head_dim={self.head_dim} must be even for RoPE")
     if len(self.attention_types) != self.num_layers:
       fail(
-          f"attention_types has {len(self.attention_types)} entries for"
-          f" num_layers={self.num_layers}"
+        f"attention_types has {len(self.attention_types)} entries for"
+        f" num_layers={self.num_layers}"
       )
     bad = [t for t in self.attention_types if t not in ("local", "global")]
     if bad:
@@ -164,9 +164,7 @@ class GemmaConfig:
     return self.rope_local_base if self.is_local(layer) else self.rope_global_base
 
   def rope_scale(self, layer: int) -> float:
-    return (
-        self.rope_local_scale if self.is_local(layer) else self.rope_global_scale
-    )
+    return self.rope_local_scale if self.is_local(layer) else self.rope_global_scale
 
   def replace(self, **changes: Any) -> GemmaConfig:
     """Returns a copy with some fields changed (and re-validated)."""
@@ -183,7 +181,7 @@ class GemmaConfig:
     unknown = sorted(set(data) - known)
     if unknown:
       raise errors.ConfigError(
-          f"Unknown GemmaConfig fields {unknown}; valid: {sorted(known)}"
+        f"Unknown GemmaConfig fields {unknown}; valid: {sorted(known)}"
       )
     return cls(**data)
 
@@ -198,85 +196,83 @@ class GemmaConfig:
     return self.num_layers * per_layer + embed + d
 
 
-def alternating_pattern(
-    num_layers: int, period: int
-) -> tuple[AttentionKind, ...]:
+def alternating_pattern(num_layers: int, period: int) -> tuple[AttentionKind, ...]:
   """Local layers except every ``period``-th (1-based), as Gemma 2 and 3 do."""
   return tuple(
-      "global" if (i + 1) % period == 0 else "local" for i in range(num_layers)
+    "global" if (i + 1) % period == 0 else "local" for i in range(num_layers)
   )
 
 
 def _gemma1(layers, d, heads, kv, mlp) -> dict[str, Any]:
   return dict(
-      family="gemma1",
-      num_layers=layers,
-      embedding_dim=d,
-      num_heads=heads,
-      num_kv_heads=kv,
-      head_dim=256,
-      mlp_hidden_dim=mlp,
-      vocab_size=256_128,
-      attention_types=("global",) * layers,
-      query_pre_attn_scalar=256,
+    family="gemma1",
+    num_layers=layers,
+    embedding_dim=d,
+    num_heads=heads,
+    num_kv_heads=kv,
+    head_dim=256,
+    mlp_hidden_dim=mlp,
+    vocab_size=256_128,
+    attention_types=("global",) * layers,
+    query_pre_attn_scalar=256,
   )
 
 
 def _gemma2(layers, d, heads, kv, head_dim, mlp, qpas) -> dict[str, Any]:
   return dict(
-      family="gemma2",
-      num_layers=layers,
-      embedding_dim=d,
-      num_heads=heads,
-      num_kv_heads=kv,
-      head_dim=head_dim,
-      mlp_hidden_dim=mlp,
-      vocab_size=256_128,
-      attention_types=alternating_pattern(layers, 2),
-      sliding_window=4096,
-      attn_logits_soft_cap=50.0,
-      final_logit_softcap=30.0,
-      query_pre_attn_scalar=qpas,
-      use_post_attn_norm=True,
-      use_post_ffw_norm=True,
+    family="gemma2",
+    num_layers=layers,
+    embedding_dim=d,
+    num_heads=heads,
+    num_kv_heads=kv,
+    head_dim=head_dim,
+    mlp_hidden_dim=mlp,
+    vocab_size=256_128,
+    attention_types=alternating_pattern(layers, 2),
+    sliding_window=4096,
+    attn_logits_soft_cap=50.0,
+    final_logit_softcap=30.0,
+    query_pre_attn_scalar=qpas,
+    use_post_attn_norm=True,
+    use_post_ffw_norm=True,
   )
 
 
 def _gemma3(layers, d, heads, kv, head_dim, mlp, window, scale, qpas):
   return dict(
-      family="gemma3",
-      num_layers=layers,
-      embedding_dim=d,
-      num_heads=heads,
-      num_kv_heads=kv,
-      head_dim=head_dim,
-      mlp_hidden_dim=mlp,
-      vocab_size=262_144,
-      attention_types=alternating_pattern(layers, 6),
-      sliding_window=window,
-      query_pre_attn_scalar=qpas,
-      rope_global_base=1_000_000.0,
-      rope_local_base=10_000.0,
-      rope_global_scale=scale,
-      use_qk_norm=True,
-      use_post_attn_norm=True,
-      use_post_ffw_norm=True,
+    family="gemma3",
+    num_layers=layers,
+    embedding_dim=d,
+    num_heads=heads,
+    num_kv_heads=kv,
+    head_dim=head_dim,
+    mlp_hidden_dim=mlp,
+    vocab_size=262_144,
+    attention_types=alternating_pattern(layers, 6),
+    sliding_window=window,
+    query_pre_attn_scalar=qpas,
+    rope_global_base=1_000_000.0,
+    rope_local_base=10_000.0,
+    rope_global_scale=scale,
+    use_qk_norm=True,
+    use_post_attn_norm=True,
+    use_post_ffw_norm=True,
   )
 
 
 # Published hyperparameters of the text models (Gemma 1/2/3 papers, the
 # reference `gemma` library and the Hugging Face configs).
 _PRESETS: dict[str, dict[str, Any]] = {
-    "gemma_2b": _gemma1(18, 2048, 8, 1, 16_384),
-    "gemma_7b": _gemma1(28, 3072, 16, 16, 24_576),
-    "gemma2_2b": _gemma2(26, 2304, 8, 4, 256, 9216, 256),
-    "gemma2_9b": _gemma2(42, 3584, 16, 8, 256, 14_336, 256),
-    "gemma2_27b": _gemma2(46, 4608, 32, 16, 128, 36_864, 4608 // 32),
-    "gemma3_270m": _gemma3(18, 640, 4, 1, 256, 2048, 512, 1.0, 256),
-    "gemma3_1b": _gemma3(26, 1152, 4, 1, 256, 6912, 512, 1.0, 256),
-    "gemma3_4b": _gemma3(34, 2560, 8, 4, 256, 10_240, 1024, 8.0, 256),
-    "gemma3_12b": _gemma3(48, 3840, 16, 8, 256, 15_360, 1024, 8.0, 256),
-    "gemma3_27b": _gemma3(62, 5376, 32, 16, 128, 21_504, 1024, 8.0, 5376 // 32),
+  "gemma_2b": _gemma1(18, 2048, 8, 1, 16_384),
+  "gemma_7b": _gemma1(28, 3072, 16, 16, 24_576),
+  "gemma2_2b": _gemma2(26, 2304, 8, 4, 256, 9216, 256),
+  "gemma2_9b": _gemma2(42, 3584, 16, 8, 256, 14_336, 256),
+  "gemma2_27b": _gemma2(46, 4608, 32, 16, 128, 36_864, 4608 // 32),
+  "gemma3_270m": _gemma3(18, 640, 4, 1, 256, 2048, 512, 1.0, 256),
+  "gemma3_1b": _gemma3(26, 1152, 4, 1, 256, 6912, 512, 1.0, 256),
+  "gemma3_4b": _gemma3(34, 2560, 8, 4, 256, 10_240, 1024, 8.0, 256),
+  "gemma3_12b": _gemma3(48, 3840, 16, 8, 256, 15_360, 1024, 8.0, 256),
+  "gemma3_27b": _gemma3(62, 5376, 32, 16, 128, 21_504, 1024, 8.0, 5376 // 32),
 }
 
 
@@ -294,7 +290,7 @@ def normalize_variant_name(name: str) -> str:
     if key.startswith(family):
       key = "gemma" + family[6] + "_" + key[len(family) :]
   if key.startswith(("gemma2", "gemma3")) and not key.startswith(
-      ("gemma2_", "gemma3_")
+    ("gemma2_", "gemma3_")
   ):
     key = key[:6] + "_" + key[6:]
   return key
@@ -314,6 +310,6 @@ def preset(name: str, **overrides: Any) -> GemmaConfig:
   key = normalize_variant_name(name)
   if key not in _PRESETS:
     raise errors.ConfigError(
-        f"Unknown Gemma variant {name!r}; valid: {', '.join(_PRESETS)}"
+      f"Unknown Gemma variant {name!r}; valid: {', '.join(_PRESETS)}"
     )
   return GemmaConfig(**{**_PRESETS[key], **overrides})

@@ -30,18 +30,18 @@ Rules = Sequence[tuple[str, str]]
 # ``model``; batches over ``data``. MQA models have no kv head axis, so their
 # key/value projections stay replicated.
 DEFAULT_RULES: Rules = (
-    ("batch", "data"),
-    ("neurons", "model"),
-    ("heads", "model"),
-    ("head_groups", "model"),
-    ("query_heads", "model"),
-    ("vocabulary", "model"),
+  ("batch", "data"),
+  ("neurons", "model"),
+  ("heads", "model"),
+  ("head_groups", "model"),
+  ("query_heads", "model"),
+  ("vocabulary", "model"),
 )
 
 
 def make_mesh(
-    shape: dict[str, int] | None = None,
-    devices: Sequence[jax.Device] | None = None,
+  shape: dict[str, int] | None = None,
+  devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
   """Builds a named mesh, e.g. ``make_mesh({"data": 2, "model": 4})``.
 
@@ -58,20 +58,20 @@ def make_mesh(
   size = int(np.prod(list(shape.values())))
   if size != len(devices) or any(v <= 0 for v in shape.values()):
     raise errors.ShardingError(
-        f"Mesh shape {shape} has {size} slots but there are {len(devices)}"
-        f" devices; choose axis sizes whose product is {len(devices)}."
+      f"Mesh shape {shape} has {size} slots but there are {len(devices)}"
+      f" devices; choose axis sizes whose product is {len(devices)}."
     )
   grid = np.array(devices, dtype=object).reshape(tuple(shape.values()))
   return Mesh(grid, tuple(shape))
 
 
 def partition_spec(
-    named_shape: dict[str, int],
-    positional_ndim: int,
-    mesh: Mesh,
-    rules: Rules | None = None,
-    *,
-    strict: bool = False,
+  named_shape: dict[str, int],
+  positional_ndim: int,
+  mesh: Mesh,
+  rules: Rules | None = None,
+  *,
+  strict: bool = False,
 ) -> PartitionSpec:
   """Chooses a ``PartitionSpec`` for an array from its axis names.
 
@@ -91,8 +91,8 @@ def partition_spec(
   for axis, mesh_axis in rules:
     if mesh_axis not in mesh.shape:
       raise errors.ShardingError(
-          f"Sharding rule {axis!r} -> {mesh_axis!r}: the mesh has no axis"
-          f" {mesh_axis!r}; its axes are {dict(mesh.shape)}."
+        f"Sharding rule {axis!r} -> {mesh_axis!r}: the mesh has no axis"
+        f" {mesh_axis!r}; its axes are {dict(mesh.shape)}."
       )
     if axis not in named_shape or axis in assignment:
       continue
@@ -101,8 +101,8 @@ def partition_spec(
     if named_shape[axis] % mesh.shape[mesh_axis]:
       if strict:
         raise errors.ShardingError(
-            f"Axis {axis!r} of size {named_shape[axis]} cannot be split over"
-            f" mesh axis {mesh_axis!r} of size {mesh.shape[mesh_axis]}."
+          f"Axis {axis!r} of size {named_shape[axis]} cannot be split over"
+          f" mesh axis {mesh_axis!r} of size {mesh.shape[mesh_axis]}."
         )
       continue
     assignment[axis] = mesh_axis
@@ -111,11 +111,11 @@ def partition_spec(
 
 
 def named_sharding(
-    array: pz.nx.NamedArray | pz.nx.NamedArrayView,
-    mesh: Mesh,
-    rules: Rules | None = None,
-    *,
-    strict: bool = False,
+  array: pz.nx.NamedArray | pz.nx.NamedArrayView,
+  mesh: Mesh,
+  rules: Rules | None = None,
+  *,
+  strict: bool = False,
 ) -> NamedSharding:
   """The `NamedSharding` of a NamedArray's underlying data array."""
   view = array.as_namedarrayview()
@@ -128,21 +128,19 @@ def named_sharding(
 
 
 def device_put_named(
-    array: pz.nx.NamedArray | pz.nx.NamedArrayView,
-    mesh: Mesh,
-    rules: Rules | None = None,
-    *,
-    strict: bool = False,
+  array: pz.nx.NamedArray | pz.nx.NamedArrayView,
+  mesh: Mesh,
+  rules: Rules | None = None,
+  *,
+  strict: bool = False,
 ) -> pz.nx.NamedArray | pz.nx.NamedArrayView:
   """Places a NamedArray on ``mesh``, sharded by its axis names."""
   sharding = named_sharding(array, mesh, rules, strict=strict)
-  return jax.tree_util.tree_map(
-      lambda x: jax.device_put(x, sharding), array
-  )
+  return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), array)
 
 
 def shard_tree(
-    tree: Any, mesh: Mesh, rules: Rules | None = None, *, strict: bool = False
+  tree: Any, mesh: Mesh, rules: Rules | None = None, *, strict: bool = False
 ) -> Any:
   """Shards every NamedArray in a pytree (other leaves are replicated)."""
 
@@ -158,7 +156,7 @@ def shard_tree(
 
 
 def shard_model(
-    model: Any, mesh: Mesh, rules: Rules | None = None, *, strict: bool = False
+  model: Any, mesh: Mesh, rules: Rules | None = None, *, strict: bool = False
 ) -> Any:
   """Returns a copy of a Penzai model with parameters and state on ``mesh``.
 
@@ -167,8 +165,7 @@ def shard_model(
   """
   unbound, variables = pz.unbind_variables(model, freeze=True)
   placed = [
-      dataclasses.replace(v, value=shard_tree(v.value, mesh, rules, strict=strict))
-      for v in variables
+    dataclasses.replace(v, value=shard_tree(v.value, mesh, rules, strict=strict))
+    for v in variables
   ]
   return pz.bind_variables(unbound, placed, unfreeze_as_copy=True)
-

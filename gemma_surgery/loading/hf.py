@@ -57,23 +57,23 @@ def _canonical_name(hf_name: str, family: str) -> str | None:
     return None
   layer, group = parts[1], parts[2]
   norms = {
-      "input_layernorm": "pre_attention_norm",
-      "post_attention_layernorm": (
-          "pre_ffw_norm" if family == "gemma1" else "post_attention_norm"
-      ),
-      "pre_feedforward_layernorm": "pre_ffw_norm",
-      "post_feedforward_layernorm": "post_ffw_norm",
+    "input_layernorm": "pre_attention_norm",
+    "post_attention_layernorm": (
+      "pre_ffw_norm" if family == "gemma1" else "post_attention_norm"
+    ),
+    "pre_feedforward_layernorm": "pre_ffw_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
   }
   leaves = {
-      "self_attn": {
-          "q_proj": "attn/q",
-          "k_proj": "attn/k",
-          "v_proj": "attn/v",
-          "o_proj": "attn/o",
-          "q_norm": "attn/query_norm",
-          "k_norm": "attn/key_norm",
-      },
-      "mlp": {"gate_proj": "mlp/gate", "up_proj": "mlp/up", "down_proj": "mlp/down"},
+    "self_attn": {
+      "q_proj": "attn/q",
+      "k_proj": "attn/k",
+      "v_proj": "attn/v",
+      "o_proj": "attn/o",
+      "q_norm": "attn/query_norm",
+      "k_norm": "attn/key_norm",
+    },
+    "mlp": {"gate_proj": "mlp/gate", "up_proj": "mlp/up", "down_proj": "mlp/down"},
   }
   if len(parts) == 4:
     target = norms.get(group)
@@ -82,9 +82,7 @@ def _canonical_name(hf_name: str, family: str) -> str | None:
   return None if target is None else f"layer_{layer}/{target}"
 
 
-def _to_canonical_layout(
-    name: str, arr: np.ndarray, config: GemmaConfig
-) -> np.ndarray:
+def _to_canonical_layout(name: str, arr: np.ndarray, config: GemmaConfig) -> np.ndarray:
   """Reorders an HF (out, in) matrix into the canonical layout."""
   h, d = config.head_dim, config.embedding_dim
   leaf = name.split("/", 1)[-1]
@@ -113,8 +111,8 @@ def safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
     missing = [f.name for f in files if not f.exists()]
     if missing:
       raise errors.CheckpointError(
-          f"{index} lists shard(s) {missing} that are not in {directory};"
-          " the download may be incomplete."
+        f"{index} lists shard(s) {missing} that are not in {directory};"
+        " the download may be incomplete."
       )
     return files
   files = sorted(directory.glob("*.safetensors"))
@@ -122,19 +120,19 @@ def safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
     hint = ""
     if list(directory.glob("*.bin")):
       hint = (
-          " It has pytorch *.bin files, which are pickles and are never loaded;"
-          " convert them to safetensors first."
+        " It has pytorch *.bin files, which are pickles and are never loaded;"
+        " convert them to safetensors first."
       )
     raise errors.CheckpointError(f"No *.safetensors files in {directory}.{hint}")
   return files
 
 
 def read_hf_params(
-    directory: str | pathlib.Path,
-    config: GemmaConfig,
-    *,
-    progress: bool = True,
-    keep: Callable[[str], bool] | None = None,
+  directory: str | pathlib.Path,
+  config: GemmaConfig,
+  *,
+  progress: bool = True,
+  keep: Callable[[str], bool] | None = None,
 ) -> dict[str, np.ndarray]:
   """Reads an HF checkpoint's text weights as canonical numpy arrays.
 
@@ -150,7 +148,9 @@ def read_hf_params(
   directory = pathlib.Path(directory)
   files = safetensors_files(directory)
   params: dict[str, np.ndarray] = {}
-  bar = tqdm(total=None, desc="Reading safetensors", unit="tensor", disable=not progress)
+  bar = tqdm(
+    total=None, desc="Reading safetensors", unit="tensor", disable=not progress
+  )
   for path in files:
     try:
       with safetensors.safe_open(str(path), framework="numpy") as f:
@@ -162,8 +162,8 @@ def read_hf_params(
           bar.update()
     except safetensors.SafetensorError as e:
       raise errors.CheckpointError(
-          f"Cannot read {path}: {e}. The file may be truncated or corrupt;"
-          " delete it and download again."
+        f"Cannot read {path}: {e}. The file may be truncated or corrupt;"
+        " delete it and download again."
       ) from e
   bar.close()
   return params

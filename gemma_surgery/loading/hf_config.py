@@ -24,43 +24,43 @@ from gemma_surgery.config import GemmaConfig, alternating_pattern
 
 # transformers' defaults for fields that published configs sometimes omit.
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "gemma": dict(
-        vocab_size=256_000,
-        hidden_size=3072,
-        intermediate_size=24_576,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        head_dim=256,
-        rope_theta=10_000.0,
-    ),
-    "gemma2": dict(
-        vocab_size=256_000,
-        hidden_size=2304,
-        intermediate_size=9216,
-        num_hidden_layers=26,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        rope_theta=10_000.0,
-        query_pre_attn_scalar=256,
-        sliding_window=4096,
-        final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0,
-    ),
-    "gemma3_text": dict(
-        vocab_size=262_208,
-        hidden_size=2304,
-        intermediate_size=9216,
-        num_hidden_layers=26,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        rope_theta=1_000_000.0,
-        rope_local_base_freq=10_000.0,
-        query_pre_attn_scalar=256,
-        sliding_window=4096,
-    ),
+  "gemma": dict(
+    vocab_size=256_000,
+    hidden_size=3072,
+    intermediate_size=24_576,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=256,
+    rope_theta=10_000.0,
+  ),
+  "gemma2": dict(
+    vocab_size=256_000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    rope_theta=10_000.0,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    final_logit_softcapping=30.0,
+    attn_logit_softcapping=50.0,
+  ),
+  "gemma3_text": dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+  ),
 }
 _FAMILY = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 _LAYER_KIND = {"sliding_attention": "local", "full_attention": "global"}
@@ -73,8 +73,8 @@ def read_config_json(path: str | pathlib.Path) -> dict[str, Any]:
     path = path / "config.json"
   if not path.exists():
     raise errors.CheckpointError(
-        f"No Hugging Face config at {path}; a Hugging Face checkpoint directory"
-        " needs config.json next to its *.safetensors files."
+      f"No Hugging Face config at {path}; a Hugging Face checkpoint directory"
+      " needs config.json next to its *.safetensors files."
     )
   try:
     return json.loads(path.read_text())
@@ -89,9 +89,9 @@ def text_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
   model_type = raw.get("model_type")
   if model_type not in _DEFAULTS:
     raise errors.ConfigError(
-        f"config.json has model_type={model_type!r}; supported Gemma text"
-        f" models: {', '.join(sorted(_DEFAULTS))} (and 'gemma3' with a"
-        " text_config)."
+      f"config.json has model_type={model_type!r}; supported Gemma text"
+      f" models: {', '.join(sorted(_DEFAULTS))} (and 'gemma3' with a"
+      " text_config)."
     )
   return {**_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None}}
 
@@ -108,8 +108,7 @@ def _rope(cfg: dict[str, Any], family: str) -> dict[str, float]:
     if kind == "linear":
       return base, float(params["factor"])
     raise errors.ConfigError(
-        f"Unsupported RoPE type {kind!r} in {where}; Gemma uses 'default' or"
-        " 'linear'."
+      f"Unsupported RoPE type {kind!r} in {where}; Gemma uses 'default' or 'linear'."
     )
 
   global_base = float(cfg.get("rope_theta", 10_000.0))
@@ -119,17 +118,17 @@ def _rope(cfg: dict[str, Any], family: str) -> dict[str, float]:
   rp = cfg.get("rope_parameters")
   if isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
     g = parse(rp.get("full_attention"), global_base, "rope_parameters")
-    l = parse(rp.get("sliding_attention"), local_base, "rope_parameters")
+    loc = parse(rp.get("sliding_attention"), local_base, "rope_parameters")
   elif isinstance(rp, dict):
-    g = l = parse(rp, global_base, "rope_parameters")
+    g = loc = parse(rp, global_base, "rope_parameters")
   else:
     g = parse(cfg.get("rope_scaling"), global_base, "rope_scaling")
-    l = (local_base, 1.0) if family == "gemma3" else g
+    loc = (local_base, 1.0) if family == "gemma3" else g
   return dict(
-      rope_global_base=g[0],
-      rope_global_scale=g[1],
-      rope_local_base=l[0],
-      rope_local_scale=l[1],
+    rope_global_base=g[0],
+    rope_global_scale=g[1],
+    rope_local_base=loc[0],
+    rope_local_scale=loc[1],
   )
 
 
@@ -140,8 +139,8 @@ def _attention_types(cfg: dict[str, Any], family: str) -> tuple[str, ...]:
     unknown = sorted({k for k in kinds if k not in _LAYER_KIND})
     if unknown or len(kinds) != n:
       raise errors.ConfigError(
-          f"layer_types must list {n} entries from {sorted(_LAYER_KIND)};"
-          f" got {len(kinds)} entries, unknown {unknown}."
+        f"layer_types must list {n} entries from {sorted(_LAYER_KIND)};"
+        f" got {len(kinds)} entries, unknown {unknown}."
       )
     return tuple(_LAYER_KIND[k] for k in kinds)
   if family == "gemma1":
@@ -152,10 +151,10 @@ def _attention_types(cfg: dict[str, Any], family: str) -> tuple[str, ...]:
 
 
 def config_from_hf(
-    raw: dict[str, Any],
-    *,
-    parameter_dtype: str = "float32",
-    activation_dtype: str | None = None,
+  raw: dict[str, Any],
+  *,
+  parameter_dtype: str = "float32",
+  activation_dtype: str | None = None,
 ) -> GemmaConfig:
   """Builds a `GemmaConfig` from a parsed Hugging Face ``config.json``.
 
@@ -177,33 +176,35 @@ def config_from_hf(
   if cfg.get("use_bidirectional_attention"):
     raise errors.ConfigError("Bidirectional Gemma (embedding models) is unsupported.")
   if not cfg.get("tie_word_embeddings", True):
-    raise errors.ConfigError("Gemma checkpoints tie embeddings; got tie_word_embeddings=false.")
+    raise errors.ConfigError(
+      "Gemma checkpoints tie embeddings; got tie_word_embeddings=false."
+    )
   types = _attention_types(cfg, family)
   eos = cfg.get("eos_token_id", 1)
   heads = cfg["num_attention_heads"]
   head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
   return GemmaConfig(
-      family=family,
-      num_layers=cfg["num_hidden_layers"],
-      embedding_dim=cfg["hidden_size"],
-      num_heads=heads,
-      num_kv_heads=cfg["num_key_value_heads"],
-      head_dim=head_dim,
-      mlp_hidden_dim=cfg["intermediate_size"],
-      vocab_size=cfg["vocab_size"],
-      attention_types=types,
-      sliding_window=cfg.get("sliding_window") if "local" in types else None,
-      attn_logits_soft_cap=cfg.get("attn_logit_softcapping"),
-      final_logit_softcap=cfg.get("final_logit_softcapping"),
-      query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", head_dim)),
-      use_qk_norm=family == "gemma3",
-      use_post_attn_norm=family != "gemma1",
-      use_post_ffw_norm=family != "gemma1",
-      rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-      parameter_dtype=parameter_dtype,
-      activation_dtype=activation_dtype,
-      bos_id=int(cfg.get("bos_token_id", 2)),
-      eos_id=int(eos[0] if isinstance(eos, list) else eos),
-      pad_id=int(cfg.get("pad_token_id", 0)),
-      **_rope(cfg, family),
+    family=family,
+    num_layers=cfg["num_hidden_layers"],
+    embedding_dim=cfg["hidden_size"],
+    num_heads=heads,
+    num_kv_heads=cfg["num_key_value_heads"],
+    head_dim=head_dim,
+    mlp_hidden_dim=cfg["intermediate_size"],
+    vocab_size=cfg["vocab_size"],
+    attention_types=types,
+    sliding_window=cfg.get("sliding_window") if "local" in types else None,
+    attn_logits_soft_cap=cfg.get("attn_logit_softcapping"),
+    final_logit_softcap=cfg.get("final_logit_softcapping"),
+    query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", head_dim)),
+    use_qk_norm=family == "gemma3",
+    use_post_attn_norm=family != "gemma1",
+    use_post_ffw_norm=family != "gemma1",
+    rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+    parameter_dtype=parameter_dtype,
+    activation_dtype=activation_dtype,
+    bos_id=int(cfg.get("bos_token_id", 2)),
+    eos_id=int(eos[0] if isinstance(eos, list) else eos),
+    pad_id=int(cfg.get("pad_token_id", 0)),
+    **_rope(cfg, family),
   )

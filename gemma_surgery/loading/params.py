@@ -69,32 +69,32 @@ def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_canonical(
-    config: GemmaConfig, params: Mapping[str, np.ndarray], source: str
+  config: GemmaConfig, params: Mapping[str, np.ndarray], source: str
 ) -> None:
   """Raises `CheckpointError` if names or shapes don't match the config."""
   expected = expected_shapes(config)
   missing = [name for name in expected if name not in params]
   if missing:
     raise errors.CheckpointError(
-        f"{source}: missing {len(missing)} parameter(s) the config needs,"
-        f" e.g. {missing[:3]} (the checkpoint may be truncated or of another"
-        " variant)."
+      f"{source}: missing {len(missing)} parameter(s) the config needs,"
+      f" e.g. {missing[:3]} (the checkpoint may be truncated or of another"
+      " variant)."
     )
   extra = sorted(set(params) - set(expected))
   if extra:
     raise errors.CheckpointError(
-        f"{source}: unexpected parameter(s) {extra[:3]} for a"
-        f" {config.family} config with {config.num_layers} layers."
+      f"{source}: unexpected parameter(s) {extra[:3]} for a"
+      f" {config.family} config with {config.num_layers} layers."
     )
   for name, shape in expected.items():
     got = tuple(params[name].shape)
     if got != shape:
       raise errors.CheckpointError(
-          f"{source}: parameter {name!r} has shape {got}, but the config"
-          f" ({config.family}, d_model={config.embedding_dim},"
-          f" heads={config.num_heads}/{config.num_kv_heads},"
-          f" head_dim={config.head_dim}, mlp={config.mlp_hidden_dim},"
-          f" vocab={config.vocab_size}) needs {shape}."
+        f"{source}: parameter {name!r} has shape {got}, but the config"
+        f" ({config.family}, d_model={config.embedding_dim},"
+        f" heads={config.num_heads}/{config.num_kv_heads},"
+        f" head_dim={config.head_dim}, mlp={config.mlp_hidden_dim},"
+        f" vocab={config.vocab_size}) needs {shape}."
       )
 
 
@@ -119,66 +119,66 @@ def _kv_heads(arr: np.ndarray, config: GemmaConfig) -> tuple:
 
 
 def to_penzai(
-    config: GemmaConfig, params: Mapping[str, np.ndarray]
+  config: GemmaConfig, params: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
   """Maps canonical arrays to Penzai labels with their axis names."""
   out = {
-      "embedder.embeddings": (params["embedder"], ("vocabulary", "embedding")),
-      "final_norm/scale.weights": (_one_plus(params["final_norm"]), ("embedding",)),
+    "embedder.embeddings": (params["embedder"], ("vocabulary", "embedding")),
+    "final_norm/scale.weights": (_one_plus(params["final_norm"]), ("embedding",)),
   }
   for i in range(config.num_layers):
     src, dst = f"layer_{i}", f"block_{i}"
     for norm in (
-        "pre_attention_norm",
-        "post_attention_norm",
-        "pre_ffw_norm",
-        "post_ffw_norm",
+      "pre_attention_norm",
+      "post_attention_norm",
+      "pre_ffw_norm",
+      "post_ffw_norm",
     ):
       if f"{src}/{norm}" in params:
         value = _one_plus(params[f"{src}/{norm}"])
         out[f"{dst}/{norm}/scale.weights"] = (value, ("embedding",))
     q, q_axes = _split_heads(params[f"{src}/attn/q"], config, 0)
     out[f"{dst}/attention/query.weights"] = (
-        q,
-        (*q_axes, "embedding", "projection"),
+      q,
+      (*q_axes, "embedding", "projection"),
     )
     for name, label in (("k", "key"), ("v", "value")):
       arr, axes = _kv_heads(params[f"{src}/attn/{name}"], config)
       out[f"{dst}/attention/{label}.weights"] = (
-          arr,
-          (*axes, "embedding", "projection"),
+        arr,
+        (*axes, "embedding", "projection"),
       )
     o, o_axes = _split_heads(params[f"{src}/attn/o"], config, 0)
     out[f"{dst}/attention/output.weights"] = (
-        o,
-        (*o_axes, "projection", "embedding"),
+      o,
+      (*o_axes, "projection", "embedding"),
     )
     for name in ("query_norm", "key_norm"):
       if f"{src}/attn/{name}" in params:
         value = _one_plus(params[f"{src}/attn/{name}"])
         out[f"{dst}/attention/{name}/scale.weights"] = (value, ("projection",))
     out[f"{dst}/mlp/gating_linear.weights"] = (
-        params[f"{src}/mlp/gate"],
-        ("embedding", "neurons"),
+      params[f"{src}/mlp/gate"],
+      ("embedding", "neurons"),
     )
     out[f"{dst}/mlp/value_linear.weights"] = (
-        params[f"{src}/mlp/up"],
-        ("embedding", "neurons"),
+      params[f"{src}/mlp/up"],
+      ("embedding", "neurons"),
     )
     out[f"{dst}/mlp/out_linear.weights"] = (
-        params[f"{src}/mlp/down"],
-        ("neurons", "embedding"),
+      params[f"{src}/mlp/down"],
+      ("neurons", "embedding"),
     )
   return out
 
 
 def bind_parameters(
-    config: GemmaConfig,
-    params: Mapping[str, np.ndarray],
-    *,
-    source: str = "checkpoint",
-    mesh: jax.sharding.Mesh | None = None,
-    sharding_rules: sharding.Rules | None = None,
+  config: GemmaConfig,
+  params: Mapping[str, np.ndarray],
+  *,
+  source: str = "checkpoint",
+  mesh: jax.sharding.Mesh | None = None,
+  sharding_rules: sharding.Rules | None = None,
 ) -> build.GemmaTransformerLM:
   """Builds the model for ``config`` and binds canonical parameters to it.
 

@@ -1,0 +1,186 @@
+"""`load`: the front door from a name or a path to a Penzai Gemma model.
+
+``gemma_surgery.load(source)`` accepts:
+
+* a local Hugging Face directory (``config.json`` + ``*.safetensors``);
+* a local Kaggle/Flax orbax checkpoint directory, or the root of a Kaggle
+  download that holds one (with ``tokenizer.model`` beside it);
+* ``"hf:org/name"`` or a bare ``"org/name"`` Hugging Face repo id, downloaded
+  with ``huggingface_hub`` into its cache;
+* ``"kaggle:owner/model/framework/variation[/version]"``, downloaded with
+  ``kagglehub`` into its cache;
+* a published variant name such as ``"gemma2_2b"`` or ``"gemma-3-1b-it"``,
+  which resolves to its Hugging Face repo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+
+from gemma_surgery import build, errors, sharding
+from gemma_surgery import config as config_lib
+from gemma_surgery.loading import hf, hf_config, hub, kaggle, params
+from gemma_surgery.tokenizer import GemmaTokenizer, as_tokenizer
+
+# Hugging Face repos of the published variants (pretrained; "-it" asks for the
+# instruction-tuned one).
+_HF_REPOS = {
+  "gemma_2b": "google/gemma-2b",
+  "gemma_7b": "google/gemma-7b",
+  "gemma2_2b": "google/gemma-2-2b",
+  "gemma2_9b": "google/gemma-2-9b",
+  "gemma2_27b": "google/gemma-2-27b",
+  "gemma3_270m": "google/gemma-3-270m",
+  "gemma3_1b": "google/gemma-3-1b-pt",
+  "gemma3_4b": "google/gemma-3-4b-pt",
+  "gemma3_12b": "google/gemma-3-12b-pt",
+  "gemma3_27b": "google/gemma-3-27b-pt",
+}
+_HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """What `load` returns.
+
+  Attributes:
+    model: The Penzai ``TransformerLM`` (a `GemmaTransformerLM`): call it on a
+      ``{batch, seq}`` NamedArray of token ids to get ``{batch, seq,
+      vocabulary}`` logits.
+    config: Its `GemmaConfig`.
+    tokenizer: A `GemmaTokenizer` (None if the checkpoint has no
+      ``tokenizer.model`` and none was given).
+    path: The local directory the weights were read from.
+  """
+
+  model: build.GemmaTransformerLM
+  config: config_lib.GemmaConfig
+  tokenizer: GemmaTokenizer | None
+  path: pathlib.Path | None
+
+
+def _is_hf_dir(path: pathlib.Path) -> bool:
+  return (path / "config.json").exists()
+
+
+def _find_tokenizer(path: pathlib.Path) -> pathlib.Path | None:
+  for candidate in (path, *path.parents[:2]):
+    if (candidate / "tokenizer.model").exists():
+      return candidate / "tokenizer.model"
+  return None
+
+
+def _variant_repo(name: str) -> str | None:
+  key = config_lib.normalize_variant_name(name)
+  if key not in _HF_REPOS:
+    return None
+  repo = _HF_REPOS[key]
+  if name.lower().endswith("-it") or name.lower().endswith("_it"):
+    repo = repo.removesuffix("-pt") + "-it"
+  return repo
+
+
+def resolve(
+  source: str | pathlib.Path, *, cache_dir: str | None = None
+) -> pathlib.Path:
+  """Turns a path, hub reference or variant name into a local directory.
+
+  Raises:
+    CheckpointError: If ``source`` is neither an existing path nor a hub
+      reference or a known variant.
+    HubError: If a download is needed and fails.
+  """
+  text = str(source)
+  path = pathlib.Path(text).expanduser()
+  if path.exists():
+    return path
+  if text.startswith("kaggle:"):
+    return hub.download_kaggle(text.removeprefix("kaggle:"), cache_dir=cache_dir)
+  if text.startswith("hf:"):
+    repo = text.removeprefix("hf:")
+    return hub.download_hf(repo, allow_patterns=_HF_PATTERNS, cache_dir=cache_dir)
+  repo = _variant_repo(text)
+  if repo is not None:
+    return hub.download_hf(repo, allow_patterns=_HF_PATTERNS, cache_dir=cache_dir)
+  if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    return hub.download_hf(text, allow_patterns=_HF_PATTERNS, cache_dir=cache_dir)
+  raise errors.CheckpointError(
+    f"{text!r} is not an existing path, a hub reference ('hf:org/name',"
+    " 'kaggle:owner/model/framework/variation') or a known variant"
+    f" ({', '.join(config_lib.preset_names())})."
+  )
+
+
+def load(
+  source: str | pathlib.Path,
+  *,
+  dtype: str = "bfloat16",
+  activation_dtype: str | None = None,
+  variant: str | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  sharding_rules: sharding.Rules | None = None,
+  tokenizer: Any = None,
+  cache_dir: str | None = None,
+  progress: bool = True,
+) -> LoadedModel:
+  """Loads a Gemma 1, 2 or 3 text model into Penzai.
+
+  Args:
+    source: A local path, ``"hf:org/name"``, ``"kaggle:handle"`` or a variant
+      name (see the module docstring).
+    dtype: Parameter dtype: ``"bfloat16"`` (default), ``"float32"``.
+    activation_dtype: Activation dtype; e.g. ``"float32"`` to run bf16 weights
+      with float32 activations. Default: same as ``dtype``.
+    variant: Variant name for Kaggle checkpoints whose non-shape knobs
+      (windows, soft caps, RoPE) can't be read from the weights; inferred from
+      shapes when omitted.
+    mesh: Shard parameters over this mesh by axis name while loading.
+    sharding_rules: Axis-name rules (default `sharding.DEFAULT_RULES`).
+    tokenizer: A tokenizer path or object to use instead of the checkpoint's
+      ``tokenizer.model`` (any object with ``encode``/``decode``, including the
+      ``gemma`` package's tokenizers).
+    cache_dir: Download cache for hub sources.
+    progress: Show progress bars.
+
+  Returns:
+    A `LoadedModel` with ``.model``, ``.config``, ``.tokenizer``, ``.path``.
+
+  Raises:
+    CheckpointError, ConfigError, HubError, TokenizerError: see their docs.
+  """
+  path = resolve(source, cache_dir=cache_dir)
+  if _is_hf_dir(path):
+    raw = hf_config.read_config_json(path)
+    config = hf_config.config_from_hf(
+      raw, parameter_dtype=dtype, activation_dtype=activation_dtype
+    )
+    canonical = hf.read_hf_params(path, config, progress=progress)
+  else:
+    config, canonical = kaggle.read_kaggle_checkpoint(
+      path,
+      variant=variant,
+      parameter_dtype=dtype,
+      activation_dtype=activation_dtype,
+    )
+  model = params.bind_parameters(
+    config, canonical, source=str(path), mesh=mesh, sharding_rules=sharding_rules
+  )
+  return LoadedModel(
+    model=model,
+    config=config,
+    tokenizer=_load_tokenizer(tokenizer, path),
+    path=path,
+  )
+
+
+def _load_tokenizer(tokenizer: Any, path: pathlib.Path) -> GemmaTokenizer | None:
+  if tokenizer is None:
+    found = _find_tokenizer(path if path.is_dir() else path.parent)
+    return None if found is None else GemmaTokenizer.from_file(found)
+  if isinstance(tokenizer, str | pathlib.Path):
+    return GemmaTokenizer.from_file(tokenizer)
+  return as_tokenizer(tokenizer)
