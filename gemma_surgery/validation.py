@@ -64,7 +64,7 @@ def _format_position(
   index: tuple[int, ...], labels: tuple[str, ...] | None
 ) -> str:
   if labels is not None:
-    inner = ", ".join(f"{k}={int(v)}" for k, v in zip(labels, index))
+    inner = ", ".join(f"{k}={int(v)}" for k, v in zip(labels, index, strict=True))
     return "{" + inner + "}"
   if len(index) == 1:
     return str(int(index[0]))
