@@ -24,16 +24,14 @@ Parameter labels are ``transformer/embedder.embeddings``,
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
-from gemma_surgery import errors
+from gemma_surgery import errors, validation
 from gemma_surgery.config import GemmaConfig
 
 # The value used by the reference implementation for masked-out logits.
@@ -88,24 +86,20 @@ class GemmaTransformerLM(model_parts.TransformerLM):
 
 
 def check_concrete_token_ids(tokens: Any, vocab_size: int) -> None:
-  """Raises `InputError` for concrete ids outside ``[0, vocab_size)``.
-
-  Traced values (inside ``jit``) cannot be inspected and are let through.
-  """
+  """`validation.check_token_ids`, skipping traced values (inside ``jit``)."""
   data = tokens.data_array if isinstance(tokens, pz.nx.NamedArray) else tokens
-  if isinstance(data, jax.core.Tracer):
-    return
-  ids = np.asarray(data)
-  if not np.issubdtype(ids.dtype, np.integer):
-    raise errors.InputError(f"Token ids must be integers, got dtype {ids.dtype}.")
-  bad = np.argwhere((ids < 0) | (ids >= vocab_size))
-  if bad.size:
-    where = [tuple(int(i) for i in idx) for idx in bad[:5]]
-    values = [int(ids[idx]) for idx in where]
-    raise errors.InputError(
-      f"Token ids {values} at positions {where} are outside the vocabulary;"
-      f" valid ids are 0..{vocab_size - 1} (vocab_size={vocab_size})."
-    )
+  if not isinstance(data, jax.core.Tracer):
+    validation.check_token_ids(tokens, vocab_size)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU with the tanh approximation (HF's ``gelu_pytorch_tanh``).
+
+  A module-level function, not a ``functools.partial``: it is a static field
+  of the model, and a fresh partial per build would make every model a new
+  ``jit`` cache entry.
+  """
+  return jax.nn.gelu(x, approximate=True)
 
 
 def head_axes(config: GemmaConfig) -> tuple[dict[str, int], dict[str, int]]:
@@ -223,7 +217,6 @@ def build_feedforward(
   """GeGLU MLP: ``out(gelu_tanh(gate(x)) * value(x))``."""
   d = {"embedding": config.embedding_dim}
   f = {"neurons": config.mlp_hidden_dim}
-  gelu = functools.partial(jax.nn.gelu, approximate=True)
   return model_parts.TransformerFeedForward(
     [
       pz.nn.BranchAndMultiplyTogether(
@@ -232,7 +225,7 @@ def build_feedforward(
             "gate",
             [
               _linear(f"{name}/gating_linear", rng, d, f, config),
-              pz.nn.Elementwise(gelu),
+              pz.nn.Elementwise(gelu_tanh),
             ],
           ),
           _linear(f"{name}/value_linear", rng, d, f, config),

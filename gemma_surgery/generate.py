@@ -6,8 +6,11 @@ written tokens, the cache index) are unbound and frozen, and a
 ``lax.fori_loop`` feeds back one token per step. This avoids the ~13 ms of
 Python/pytree overhead per token of Penzai's Python sampling loop.
 
-Axes: prompts are ``{batch, seq}`` int token ids; left padding uses the pad id
-(0 for Gemma), which the cache turns into ``token_positions == -1``.
+Axes: prompts are ``{batch, seq}`` int token ids, left-padded with the pad id
+(0 for Gemma). Only that leading run counts as padding: it is marked with −1
+for Penzai's cache, which gives those slots ``token_positions == -1`` so they
+are never attended to, while a 0 generated later is an ordinary token (Penzai's
+default would mask every 0, silently changing the continuation).
 """
 
 from __future__ import annotations
@@ -35,6 +38,18 @@ def _as_prompt_array(prompt: Any) -> np.ndarray:
       f"Prompt must have shape [batch, seq] with seq >= 1, got {arr.shape}."
     )
   return arr
+
+
+# Marks padding slots in Penzai's cache (never a real token id).
+_PAD_MARK = -1
+
+
+def mark_left_padding(ids: np.ndarray, pad_id: int) -> np.ndarray:
+  """Replaces each row's leading run of ``pad_id`` with `_PAD_MARK`."""
+  leading = np.cumsum(ids != pad_id, axis=1) == 0
+  if leading.all(axis=1).any():
+    raise errors.InputError("A prompt row consists only of padding.")
+  return np.where(leading, _PAD_MARK, ids)
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens",))
@@ -75,6 +90,7 @@ def greedy_generate(
   *,
   max_new_tokens: int,
   eos_id: int | None = None,
+  pad_id: int = 0,
 ) -> np.ndarray:
   """Greedy continuation of ``prompt`` with a fused KV-cached loop.
 
@@ -86,6 +102,7 @@ def greedy_generate(
     max_new_tokens: Number of tokens to generate.
     eos_id: Stop a row after this token (later positions are 0). None never
       stops early.
+    pad_id: The id used for left padding.
 
   Returns:
     ``[batch, max_new_tokens]`` int32 numpy array of new tokens.
@@ -100,8 +117,12 @@ def greedy_generate(
   if max_new_tokens <= 0:
     raise errors.InputError(f"max_new_tokens={max_new_tokens} must be >= 1.")
   batch, seq = ids.shape
+  ids = mark_left_padding(ids, pad_id)
   cached = sampling_mode.KVCachingTransformerLM.from_uncached(
-    model, cache_len=seq + max_new_tokens, batch_axes={"batch": batch}
+    model,
+    cache_len=seq + max_new_tokens,
+    batch_axes={"batch": batch},
+    pad_id=_PAD_MARK,
   )
   unbound, state = pz.unbind_state_vars(cached, freeze=True)
   unbound = pz.freeze_params(unbound)

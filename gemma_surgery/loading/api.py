@@ -23,7 +23,7 @@ import jax
 
 from gemma_surgery import build, errors, sharding
 from gemma_surgery import config as config_lib
-from gemma_surgery.loading import hf, hf_config, hub, kaggle, params
+from gemma_surgery.loading import hf, hf_config, hub, params
 from gemma_surgery.tokenizer import GemmaTokenizer, as_tokenizer
 
 # Hugging Face repos of the published variants (pretrained; "-it" asks for the
@@ -160,6 +160,9 @@ def load(
     )
     canonical = hf.read_hf_params(path, config, progress=progress)
   else:
+    # orbax is slow to import; only Kaggle/Flax checkpoints need it.
+    from gemma_surgery.loading import kaggle
+
     config, canonical = kaggle.read_kaggle_checkpoint(
       path,
       variant=variant,
