@@ -121,19 +121,18 @@ def _corrupt(directory: pathlib.Path, what: str, e: Exception) -> errors.Checkpo
   )
 
 
-def _read_tree_metadata(checkpointer: Any, directory: pathlib.Path) -> Mapping:
+def _read_tree_metadata(handler: Any, directory: pathlib.Path) -> Mapping:
   try:
-    meta = checkpointer.metadata(directory)
+    meta = handler.metadata(directory)
   except errors.GemmaSurgeryError:
     raise
-  except Exception as e:  # orbax/tensorstore raise many types.
-    raise _corrupt(directory, "read the metadata", e) from e
-  item = getattr(meta, "item_metadata", meta)
-  tree = getattr(item, "tree", item)
+  except Exception as e:  # orbax/tensorstore/json raise many types.
+    raise _corrupt(directory, "read the tree metadata (_METADATA)", e) from e
+  tree = getattr(meta, "tree", meta)
   if not isinstance(tree, Mapping):
     raise errors.CheckpointError(
-        f"{directory}/_METADATA exists but orbax could not parse it into a tree;"
-        " the file is corrupt or truncated. Download the checkpoint again."
+        f"{directory}/_METADATA does not describe a tree of arrays (got"
+        f" {type(tree).__name__}); this is not a Gemma Flax checkpoint."
     )
   return tree
 
@@ -166,7 +165,7 @@ def _chunks(sizes: Mapping[Any, int], budget: int) -> list[list]:
 
 
 def _restore(
-    checkpointer: Any,
+    handler: Any,
     directory: pathlib.Path,
     tree: Mapping,
     paths: Sequence[kaggle_layout.TreePath],
@@ -198,7 +197,7 @@ def _restore(
           item=item, restore_args=restore_args, partial_restore=True
       )
       try:
-        restored = checkpointer.restore(directory, args=args)
+        restored = handler.restore(directory, args=args)
         for p in chunk:
           out[p] = np.asarray(_get(restored, p))
           bar.update(sizes[p])
@@ -242,9 +241,9 @@ def read_kaggle_checkpoint(
   source = str(directory)
   import orbax.checkpoint as ocp  # Slow import; only needed here.
 
-  checkpointer = ocp.PyTreeCheckpointer()
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    tree = _read_tree_metadata(checkpointer, directory)
+    tree = _read_tree_metadata(handler, directory)
     entries = kaggle_layout.layout_entries(tree, source)
     shapes = kaggle_config.read_shapes(entries, source)
     config = kaggle_config.config_from_shapes(shapes, variant, source).replace(
@@ -255,9 +254,9 @@ def read_kaggle_checkpoint(
     proxies = {name: fn(ref.proxy()) for name, (ref, fn) in plan.items()}
     canonical.check_canonical(config, proxies, source)
     paths = list(dict.fromkeys(ref.path for ref, _ in plan.values()))
-    arrays = _restore(checkpointer, directory, tree, paths, progress)
+    arrays = _restore(handler, directory, tree, paths, progress)
   finally:
-    checkpointer.close()
+    handler.close()
   result = {name: fn(ref.take(arrays[ref.path])) for name, (ref, fn) in plan.items()}
   canonical.check_canonical(config, result, source)
   return config, result
