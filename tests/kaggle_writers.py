@@ -30,9 +30,52 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gemma_surgery import config
 from gemma_surgery.config import GemmaConfig
+from gemma_surgery.loading import params as canonical
 
 Tree = dict[str, Any]
+
+_SIZES = {"embedding_dim": 32, "head_dim": 8, "mlp_hidden_dim": 64, "vocab_size": 64}
+# name: (variant, num_layers, num_heads, num_kv_heads, period of global layers)
+TINY = {
+    "gemma1_mha": ("gemma_7b", 2, 4, 4, None),
+    "gemma1_mqa": ("gemma_2b", 2, 4, 1, None),
+    "gemma2": ("gemma2_2b", 4, 4, 2, 2),
+    "gemma2_9b": ("gemma2_9b", 4, 4, 2, 2),
+    "gemma3": ("gemma3_1b", 7, 4, 2, 6),
+    "gemma3_mqa": ("gemma3_270m", 3, 4, 1, 6),
+}
+
+
+def tiny_config(name: str, **sizes: int) -> GemmaConfig:
+  """A tiny model of ``TINY[name]``: what the reader infers with that variant.
+
+  Sizes come from the shapes, the rest from the variant's preset, with the
+  attention pattern re-derived and ``query_pre_attn_scalar = head_dim``.
+  """
+  variant, layers, heads, kv_heads, period = TINY[name]
+  sizes = {**_SIZES, **sizes}
+  kinds = config.alternating_pattern(layers, period) if period else ("global",) * layers
+  return config.preset(variant).replace(
+      num_layers=layers,
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      attention_types=kinds,
+      query_pre_attn_scalar=sizes["head_dim"],
+      **sizes,
+  )
+
+
+def random_params(
+    cfg: GemmaConfig, seed: int = 0, dtype: Any = np.float32
+) -> dict[str, np.ndarray]:
+  """Random canonical params for ``cfg``."""
+  rng = np.random.default_rng(seed)
+  return {
+      name: (rng.normal(size=shape) * 0.5).astype(dtype)
+      for name, shape in canonical.expected_shapes(cfg).items()
+  }
 
 
 def _layer(

@@ -15,40 +15,10 @@ from penzai import pz
 from gemma_surgery import config, errors
 from gemma_surgery.loading import kaggle, params
 
-_SIZES = {"embedding_dim": 32, "head_dim": 8, "mlp_hidden_dim": 64, "vocab_size": 64}
-# name: (variant, num_layers, num_heads, num_kv_heads, period of global layers)
-_TINY = {
-    "gemma1_mha": ("gemma_7b", 2, 4, 4, None),
-    "gemma1_mqa": ("gemma_2b", 2, 4, 1, None),
-    "gemma2": ("gemma2_2b", 4, 4, 2, 2),
-    "gemma2_9b": ("gemma2_9b", 4, 4, 2, 2),
-    "gemma3": ("gemma3_1b", 7, 4, 2, 6),
-    "gemma3_mqa": ("gemma3_270m", 3, 4, 1, 6),
-}
-SHAPES_DIFFER = pytest.warns(UserWarning, match="shapes differ from variant")
 
-
-def tiny_config(name: str, **sizes) -> config.GemmaConfig:
-  """What the reader infers: the variant's preset with tiny sizes."""
-  variant, layers, heads, kv_heads, period = _TINY[name]
-  sizes = {**_SIZES, **sizes}
-  kinds = config.alternating_pattern(layers, period) if period else ("global",) * layers
-  return config.preset(variant).replace(
-      num_layers=layers,
-      num_heads=heads,
-      num_kv_heads=kv_heads,
-      attention_types=kinds,
-      query_pre_attn_scalar=sizes["head_dim"],
-      **sizes,
-  )
-
-
-def random_params(cfg: config.GemmaConfig, seed: int = 0, dtype=np.float32):
-  rng = np.random.default_rng(seed)
-  return {
-      name: (rng.normal(size=shape) * 0.5).astype(dtype)
-      for name, shape in params.expected_shapes(cfg).items()
-  }
+def shapes_differ():
+  """The warning of a read whose sizes differ from the named variant's."""
+  return pytest.warns(UserWarning, match="shapes differ from variant")
 
 
 def write(path: pathlib.Path, tree) -> pathlib.Path:
@@ -56,7 +26,7 @@ def write(path: pathlib.Path, tree) -> pathlib.Path:
 
 
 def read(path, variant, **kwargs):
-  with SHAPES_DIFFER:
+  with shapes_differ():
     return kaggle.read_kaggle_checkpoint(path, variant=variant, progress=False, **kwargs)
 
 
@@ -120,10 +90,10 @@ _WRITERS = {
 @pytest.mark.parametrize("case", list(ROUNDTRIPS))
 def test_layout_roundtrip_is_exact(tmp_path, case):
   name, layout, kwargs = ROUNDTRIPS[case]
-  cfg = tiny_config(name)
-  original = random_params(cfg)
+  cfg = writers.tiny_config(name)
+  original = writers.random_params(cfg)
   path = write(tmp_path / "ckpt", _WRITERS[layout](cfg, original, **kwargs))
-  got_cfg, got = read(path, _TINY[name][0])
+  got_cfg, got = read(path, writers.TINY[name][0])
   assert got_cfg == cfg
   assert_same_params(got, original)
 
@@ -139,10 +109,10 @@ def test_layout_roundtrip_is_exact(tmp_path, case):
 )
 def test_loaded_model_logits_match(tmp_path, case):
   name, layout, kwargs = ROUNDTRIPS[case]
-  cfg = tiny_config(name)
-  original = random_params(cfg, seed=3)
+  cfg = writers.tiny_config(name)
+  original = writers.random_params(cfg, seed=3)
   path = write(tmp_path / "ckpt", _WRITERS[layout](cfg, original, **kwargs))
-  got_cfg, got = read(path, _TINY[name][0])
+  got_cfg, got = read(path, writers.TINY[name][0])
   want, have = logits_pair(got_cfg, original, got)
   assert want.shape == (2, 9, cfg.vocab_size)
   np.testing.assert_allclose(have, want, atol=1e-5, rtol=0)
@@ -150,8 +120,8 @@ def test_loaded_model_logits_match(tmp_path, case):
 
 def test_square_mlp_gating_follows_variant_negative_control(tmp_path):
   # D == F: the shape cannot tell the orientation, the variant decides.
-  cfg = tiny_config("gemma3", mlp_hidden_dim=32)
-  original = random_params(cfg, seed=4)
+  cfg = writers.tiny_config("gemma3", mlp_hidden_dim=32)
+  original = writers.random_params(cfg, seed=4)
   right = write(tmp_path / "right", writers.to_flat(cfg, original, transpose_gating=True))
   _, got = read(right, "gemma3_1b")
   assert_same_params(got, original)
@@ -165,8 +135,8 @@ def test_square_mlp_gating_follows_variant_negative_control(tmp_path):
 
 
 def test_bfloat16_kept_and_bindable(tmp_path):
-  cfg = tiny_config("gemma2")
-  original = random_params(cfg, dtype=ml_dtypes.bfloat16)
+  cfg = writers.tiny_config("gemma2")
+  original = writers.random_params(cfg, dtype=ml_dtypes.bfloat16)
   path = write(tmp_path / "ckpt", writers.to_flat(cfg, original))
   got_cfg, got = read(path, "gemma2_2b", parameter_dtype="bfloat16")
   assert got_cfg.parameter_dtype == "bfloat16"
@@ -175,18 +145,18 @@ def test_bfloat16_kept_and_bindable(tmp_path):
 
 
 def test_small_chunks_and_progress_bar(tmp_path, monkeypatch):
-  cfg = tiny_config("gemma3")
-  original = random_params(cfg)
+  cfg = writers.tiny_config("gemma3")
+  original = writers.random_params(cfg)
   path = write(tmp_path / "ckpt", writers.to_stacked(cfg, original, pattern_len=6))
   monkeypatch.setattr(kaggle, "_CHUNK_BYTES", 1)  # One orbax restore per leaf.
-  with SHAPES_DIFFER:
+  with shapes_differ():
     _, got = kaggle.read_kaggle_checkpoint(path, variant="gemma3_1b", progress=True)
   assert_same_params(got, original)
 
 
 def test_finds_checkpoint_in_download_root(tmp_path):
-  cfg = tiny_config("gemma2")
-  original = random_params(cfg)
+  cfg = writers.tiny_config("gemma2")
+  original = writers.random_params(cfg)
   write(tmp_path / "gemma2-tiny-it", writers.to_flat(cfg, original))
   (tmp_path / "tokenizer.model").write_bytes(b"spm")
   assert kaggle.find_checkpoint_dir(tmp_path) == tmp_path / "gemma2-tiny-it"
@@ -243,7 +213,17 @@ def test_needs_gating_transpose():
   assert kaggle.needs_gating_transpose("gemma3_1b")
   assert kaggle.needs_gating_transpose(config.preset("gemma2_9b"))
   assert not kaggle.needs_gating_transpose(config.preset("gemma2_2b"))
-  assert kaggle.needs_gating_transpose(tiny_config("gemma3"))
-  assert not kaggle.needs_gating_transpose(tiny_config("gemma2"))
+  assert kaggle.needs_gating_transpose(writers.tiny_config("gemma3"))
+  assert not kaggle.needs_gating_transpose(writers.tiny_config("gemma2"))
   with pytest.raises(errors.ConfigError, match="gemma9_1b"):
     kaggle.needs_gating_transpose("gemma9_1b")
+
+
+def test_reads_checkpoint_without_step_metadata(tmp_path):
+  # Checkpoints written by older orbax have _METADATA but no _CHECKPOINT_METADATA.
+  cfg = writers.tiny_config("gemma1_mqa")
+  original = writers.random_params(cfg)
+  path = write(tmp_path / "ckpt", writers.to_flat(cfg, original))
+  (path / "_CHECKPOINT_METADATA").unlink()
+  _, got = read(path, "gemma_2b")
+  assert_same_params(got, original)
