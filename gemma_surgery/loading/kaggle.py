@@ -114,9 +114,12 @@ def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def _corrupt(directory: pathlib.Path, what: str, e: Exception) -> errors.CheckpointError:
+  detail = str(e)
+  if len(detail) > 500:  # Tensorstore appends its whole JSON spec.
+    detail = detail[:500] + " ..."
   return errors.CheckpointError(
       f"Cannot {what} of the orbax checkpoint {directory}: {type(e).__name__}:"
-      f" {e}. The checkpoint is probably truncated or corrupt (e.g. an"
+      f" {detail}. The checkpoint is probably truncated or corrupt (e.g. an"
       " interrupted download); delete it and download it again."
   )
 
@@ -202,8 +205,11 @@ def _restore(
           out[p] = np.asarray(_get(restored, p))
           bar.update(sizes[p])
       except Exception as e:  # orbax/tensorstore raise many types.
-        names = ["/".join(p) for p in chunk[:3]]
-        raise _corrupt(directory, f"read weights {names}", e) from e
+        first, last = "/".join(chunk[0]), "/".join(chunk[-1])
+        what = f"read {first!r}" if len(chunk) == 1 else (
+            f"read the {len(chunk)} arrays {first!r} ... {last!r}"
+        )
+        raise _corrupt(directory, what, e) from e
   return out
 
 
