@@ -179,9 +179,9 @@ class TokenizerBase:
     if arr.size == 0:
       return ""
     check_token_ids(arr, self._vocab_size)
-    return self._decode_list([
-      int(i) for i in arr.reshape(-1) if self._pad is None or i != self._pad
-    ])
+    return self._decode_list(
+      [int(i) for i in arr.reshape(-1) if self._pad is None or i != self._pad]
+    )
 
   def piece(self, token_id: int, *, space_marker: str = SPACE_MARKER) -> str:
     """Display text of one token id (see `display_piece`).
@@ -190,9 +190,7 @@ class TokenizerBase:
       InputError: If `token_id` is not in `[0, vocab_size)`.
     """
     check_token_ids(np.asarray(token_id), self._vocab_size)
-    return display_piece(
-      self._raw_piece(int(token_id)), space_marker=space_marker
-    )
+    return display_piece(self._raw_piece(int(token_id)), space_marker=space_marker)
 
   def pieces(self, ids: Any, *, space_marker: str = SPACE_MARKER) -> list[str]:
     """Display texts of ids with one axis `seq` (list or array)."""
@@ -202,8 +200,7 @@ class TokenizerBase:
     arr = arr.reshape(-1)
     check_token_ids(arr, self._vocab_size)
     return [
-      display_piece(self._raw_piece(int(i)), space_marker=space_marker)
-      for i in arr
+      display_piece(self._raw_piece(int(i)), space_marker=space_marker) for i in arr
     ]
 
 

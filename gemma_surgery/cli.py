@@ -16,16 +16,16 @@ from gemma_surgery import errors
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="gemma-surgery",
-      description="Load Gemma 1/2/3 into Penzai, look inside, cut it open.",
+    prog="gemma-surgery",
+    description="Load Gemma 1/2/3 into Penzai, look inside, cut it open.",
   )
   verbs = parser.add_subparsers(dest="verb", required=True)
 
   def add_source(p):
     p.add_argument(
-        "source",
-        help="local path, hf:org/name, kaggle:owner/model/framework/variation,"
-        " or a variant name such as gemma2_2b",
+      "source",
+      help="local path, hf:org/name, kaggle:owner/model/framework/variation,"
+      " or a variant name such as gemma2_2b",
     )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--variant", default=None, help="variant of a Kaggle checkpoint")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     start = time.perf_counter()
     lm = load(
-        args.source, dtype=args.dtype, variant=args.variant, tokenizer=args.tokenizer
+      args.source, dtype=args.dtype, variant=args.variant, tokenizer=args.tokenizer
     )
     print(f"loaded {lm.path} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     if args.verb == "info":
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     if lm.tokenizer is None:
       raise errors.TokenizerError(
-          f"{lm.path} has no tokenizer.model; pass --tokenizer PATH."
+        f"{lm.path} has no tokenizer.model; pass --tokenizer PATH."
       )
     ids = lm.tokenizer.encode(args.prompt, add_bos=True)
     out = generate.greedy_generate(
-        lm.model, [ids], max_new_tokens=args.max_new_tokens, eos_id=lm.config.eos_id
+      lm.model, [ids], max_new_tokens=args.max_new_tokens, eos_id=lm.config.eos_id
     )[0]
     new = [int(t) for t in out]
     if lm.config.eos_id in new:

@@ -25,7 +25,7 @@ from gemma_surgery import errors
 
 AttentionKind = Literal["local", "global"]
 Family = Literal["gemma1", "gemma2", "gemma3"]
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

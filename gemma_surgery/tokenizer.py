@@ -91,8 +91,7 @@ class GemmaTokenizer(TokenizerBase):
     if self._bos < 0:
       raise TokenizerError(f"tokenizer {path or sp!r} defines no BOS piece")
     self._eos, self._pad, self._unk = (
-      int(i) if i >= 0 else None
-      for i in (sp.eos_id(), sp.pad_id(), sp.unk_id())
+      int(i) if i >= 0 else None for i in (sp.eos_id(), sp.pad_id(), sp.unk_id())
     )
 
   @classmethod
@@ -167,9 +166,7 @@ def as_tokenizer(obj: Any) -> Tokenizer:
     return GemmaTokenizer.from_file(obj)
   if isinstance(obj, spm.SentencePieceProcessor):
     return GemmaTokenizer(obj)
-  if callable(getattr(obj, "encode", None)) and callable(
-    getattr(obj, "decode", None)
-  ):
+  if callable(getattr(obj, "encode", None)) and callable(getattr(obj, "decode", None)):
     return DuckTokenizer(obj)
   raise TokenizerError(
     f"cannot use a {type(obj).__qualname__} as a tokenizer: expected a "

@@ -60,9 +60,7 @@ def to_host_array(x: Any) -> tuple[np.ndarray, tuple[str, ...] | None]:
   return np.asarray(prefixed.data_array), labels
 
 
-def _format_position(
-  index: tuple[int, ...], labels: tuple[str, ...] | None
-) -> str:
+def _format_position(index: tuple[int, ...], labels: tuple[str, ...] | None) -> str:
   if labels is not None:
     inner = ", ".join(f"{k}={int(v)}" for k, v in zip(labels, index, strict=True))
     return "{" + inner + "}"
@@ -87,12 +85,8 @@ def check_token_ids(ids: Any, vocab_size: int) -> None:
       range. The message names the first few offending ids, their positions
       and the valid range.
   """
-  if isinstance(vocab_size, bool) or not isinstance(
-    vocab_size, (int, np.integer)
-  ):
-    raise InputError(
-      f"vocab_size must be a positive int, got {vocab_size!r}"
-    )
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+    raise InputError(f"vocab_size must be a positive int, got {vocab_size!r}")
   if vocab_size <= 0:
     raise InputError(f"vocab_size must be positive, got {vocab_size}")
   try:
@@ -101,8 +95,7 @@ def check_token_ids(ids: Any, vocab_size: int) -> None:
     raise
   except (TypeError, ValueError) as e:
     raise InputError(
-      f"token ids must be an integer array, could not convert "
-      f"{type(ids).__name__}: {e}"
+      f"token ids must be an integer array, could not convert {type(ids).__name__}: {e}"
     ) from e
   if arr.size == 0:
     return
@@ -123,6 +116,5 @@ def check_token_ids(ids: Any, vocab_size: int) -> None:
   )
   more = f" (showing the first {len(where)})" if n_bad > len(where) else ""
   raise InputError(
-    f"{n_bad} token id(s) outside the vocabulary range [0, {vocab_size})"
-    f"{more}: {shown}"
+    f"{n_bad} token id(s) outside the vocabulary range [0, {vocab_size}){more}: {shown}"
   )

@@ -143,7 +143,7 @@ MIN_GREEDY_MARGIN = 1e-2  # Min top-1 minus top-2 logit along the greedy path.
 MIN_SENSITIVITY = 5e-3  # Min max|dlogits| each config probe must cause.
 
 _COMMON = {
-  "vocab_size": 256,
+  "vocab_size": 512,
   "hidden_size": 64,
   "intermediate_size": 128,
   "num_attention_heads": 4,
@@ -208,7 +208,7 @@ VARIANTS: tuple[Variant, ...] = (
       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
     torch_seed=1002,
-    numpy_seed=2006,
+    numpy_seed=2001,
   ),
   Variant(
     name="gemma2",
@@ -232,7 +232,7 @@ VARIANTS: tuple[Variant, ...] = (
       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
     torch_seed=1003,
-    numpy_seed=2005,
+    numpy_seed=2001,
   ),
   Variant(
     name="gemma3",
@@ -258,7 +258,7 @@ VARIANTS: tuple[Variant, ...] = (
       },
     ),
     torch_seed=1004,
-    numpy_seed=2005,
+    numpy_seed=2001,
   ),
 )
 
@@ -294,7 +294,7 @@ OLD_SCHEMA_GEMMA3: dict[str, Any] = {
   "torch_dtype": "float32",
   "transformers_version": "4.50.0.dev0",
   "use_cache": True,
-  "vocab_size": 256,
+  "vocab_size": 512,
 }
 OLD_SCHEMA_FILENAME = "gemma3_old_schema_config.json"
 
@@ -432,13 +432,21 @@ SENSITIVITY: dict[str, dict[str, dict[str, Any]]] = {
     },
     "local_rope_uses_global_base": {
       "rope_parameters": {
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        "full_attention": {
+          "rope_type": "linear",
+          "factor": 8.0,
+          "rope_theta": 1_000_000.0,
+        },
         "sliding_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
       }
     },
     "global_rope_uses_local_base": {
       "rope_parameters": {
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10_000.0},
+        "full_attention": {
+          "rope_type": "linear",
+          "factor": 8.0,
+          "rope_theta": 10_000.0,
+        },
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
       }
     },
@@ -592,7 +600,10 @@ def _verify_saved_config(variant: Variant, cfg: dict[str, Any]) -> None:
       "factor": 8.0,
       "rope_theta": 1_000_000.0,
     }, rp
-    assert rp["sliding_attention"] == {"rope_type": "default", "rope_theta": 10_000.0}, rp
+    assert rp["sliding_attention"] == {
+      "rope_type": "default",
+      "rope_theta": 10_000.0,
+    }, rp
     assert cfg["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
     assert cfg["final_logit_softcapping"] is None
     assert cfg["attn_logit_softcapping"] is None
@@ -674,7 +685,9 @@ def build_all(root: pathlib.Path) -> dict[str, Any]:
       "final_norm_std": FINAL_NORM_STD,
       "matrix_std": MATRIX_STD,
       "embed_std": EMBED_STD,
-      "order": "torch.manual_seed(torch_seed); normal_() per parameter in sorted name order",
+      "order": (
+        "torch.manual_seed(torch_seed); normal_() per parameter in sorted name order"
+      ),
     },
     "inputs": {
       "batch": BATCH,
@@ -728,7 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     help="Output directory (default: tests/fixtures/hf).",
   )
   parser.add_argument(
-    "--check", action="store_true", help="Regenerate in a temp dir and compare with --out."
+    "--check",
+    action="store_true",
+    help="Regenerate in a temp dir and compare with --out.",
   )
   args = parser.parse_args(argv)
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -49,7 +49,10 @@ _MAX_CHARS = 200_000
 _VOCAB_SIZE = 512
 _DEFAULT_OUT = (
   pathlib.Path(__file__).resolve().parent.parent
-  / "tests" / "fixtures" / "tokenizer" / "tiny.model"
+  / "tests"
+  / "fixtures"
+  / "tokenizer"
+  / "tiny.model"
 )
 
 

@@ -39,12 +39,12 @@ Tree = dict[str, Any]
 _SIZES = {"embedding_dim": 32, "head_dim": 8, "mlp_hidden_dim": 64, "vocab_size": 64}
 # name: (variant, num_layers, num_heads, num_kv_heads, period of global layers)
 TINY = {
-    "gemma1_mha": ("gemma_7b", 2, 4, 4, None),
-    "gemma1_mqa": ("gemma_2b", 2, 4, 1, None),
-    "gemma2": ("gemma2_2b", 4, 4, 2, 2),
-    "gemma2_9b": ("gemma2_9b", 4, 4, 2, 2),
-    "gemma3": ("gemma3_1b", 7, 4, 2, 6),
-    "gemma3_mqa": ("gemma3_270m", 3, 4, 1, 6),
+  "gemma1_mha": ("gemma_7b", 2, 4, 4, None),
+  "gemma1_mqa": ("gemma_2b", 2, 4, 1, None),
+  "gemma2": ("gemma2_2b", 4, 4, 2, 2),
+  "gemma2_9b": ("gemma2_9b", 4, 4, 2, 2),
+  "gemma3": ("gemma3_1b", 7, 4, 2, 6),
+  "gemma3_mqa": ("gemma3_270m", 3, 4, 1, 6),
 }
 
 
@@ -58,32 +58,32 @@ def tiny_config(name: str, **sizes: int) -> GemmaConfig:
   sizes = {**_SIZES, **sizes}
   kinds = config.alternating_pattern(layers, period) if period else ("global",) * layers
   return config.preset(variant).replace(
-      num_layers=layers,
-      num_heads=heads,
-      num_kv_heads=kv_heads,
-      attention_types=kinds,
-      query_pre_attn_scalar=sizes["head_dim"],
-      **sizes,
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    attention_types=kinds,
+    query_pre_attn_scalar=sizes["head_dim"],
+    **sizes,
   )
 
 
 def random_params(
-    cfg: GemmaConfig, seed: int = 0, dtype: Any = np.float32
+  cfg: GemmaConfig, seed: int = 0, dtype: Any = np.float32
 ) -> dict[str, np.ndarray]:
   """Random canonical params for ``cfg``."""
   rng = np.random.default_rng(seed)
   return {
-      name: (rng.normal(size=shape) * 0.5).astype(dtype)
-      for name, shape in canonical.expected_shapes(cfg).items()
+    name: (rng.normal(size=shape) * 0.5).astype(dtype)
+    for name, shape in canonical.expected_shapes(cfg).items()
   }
 
 
 def _layer(
-    config: GemmaConfig,
-    p: Mapping[str, Any],
-    i: int,
-    transpose_gating: bool,
-    squeeze_mqa: bool,
+  config: GemmaConfig,
+  p: Mapping[str, Any],
+  i: int,
+  transpose_gating: bool,
+  squeeze_mqa: bool,
 ) -> dict[str, dict[str, Any]]:
   """Flax modules of layer ``i``: module path -> {param name: array}."""
   c = f"layer_{i}/"
@@ -118,21 +118,21 @@ def _layer(
 
 
 def to_flat(
-    config: GemmaConfig,
-    params: Mapping[str, Any],
-    *,
-    transpose_gating: bool = False,
-    squeeze_mqa: bool = False,
-    with_vision: bool = False,
+  config: GemmaConfig,
+  params: Mapping[str, Any],
+  *,
+  transpose_gating: bool = False,
+  squeeze_mqa: bool = False,
+  with_vision: bool = False,
 ) -> Tree:
   """The FLAT layout of the released Kaggle checkpoints."""
   tree: Tree = {
-      "transformer/embedder": {"input_embedding": params["embedder"]},
-      "transformer/final_norm": {"scale": params["final_norm"]},
+    "transformer/embedder": {"input_embedding": params["embedder"]},
+    "transformer/final_norm": {"scale": params["final_norm"]},
   }
   for i in range(config.num_layers):
     for module, leaf in _layer(
-        config, params, i, transpose_gating, squeeze_mqa
+      config, params, i, transpose_gating, squeeze_mqa
     ).items():
       tree[f"transformer/layer_{i}/{module}"] = leaf
   if with_vision:
@@ -140,8 +140,8 @@ def to_flat(
     tree["transformer/embedder/mm_input_projection"] = {"w": jnp.ones((12, d))}
     tree["transformer/embedder/mm_soft_embedding_norm"] = {"scale": jnp.ones(12)}
     tree["SigLiPFromPatches_0/siglip_encoder/embedding"] = {
-        "kernel": jnp.ones((2, 2, 3, 12)),
-        "bias": jnp.zeros(12),
+      "kernel": jnp.ones((2, 2, 3, 12)),
+      "bias": jnp.zeros(12),
     }
   return tree
 
@@ -158,16 +158,16 @@ def _nest(flat: Mapping[str, Any]) -> Tree:
 
 
 def to_nested(
-    config: GemmaConfig,
-    params: Mapping[str, Any],
-    *,
-    outer: bool = True,
-    transpose_gating: bool = False,
+  config: GemmaConfig,
+  params: Mapping[str, Any],
+  *,
+  outer: bool = True,
+  transpose_gating: bool = False,
 ) -> Tree:
   """The NESTED layout of the ``gemma`` library (Flax ``model.init`` tree)."""
   flat: dict[str, Any] = {
-      "embedder/input_embedding": params["embedder"],
-      "final_norm/scale": params["final_norm"],
+    "embedder/input_embedding": params["embedder"],
+    "final_norm/scale": params["final_norm"],
   }
   for i in range(config.num_layers):
     for module, leaf in _layer(config, params, i, transpose_gating, False).items():
@@ -181,12 +181,12 @@ def to_nested(
 
 
 def to_stacked(
-    config: GemmaConfig,
-    params: Mapping[str, Any],
-    *,
-    pattern_len: int | None,
-    nested: bool = False,
-    transpose_gating: bool = True,
+  config: GemmaConfig,
+  params: Mapping[str, Any],
+  *,
+  pattern_len: int | None,
+  nested: bool = False,
+  transpose_gating: bool = True,
 ) -> Tree:
   """The STACKED layout: layers grouped by position in the attention pattern.
 

@@ -20,12 +20,26 @@ KAGGLE_HANDLE = "google/gemma-3/flax/gemma3-1b"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 _CLEARED_ENV = (
-  "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE",
-  "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "XDG_CACHE_HOME",
-  "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN",
-  "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_DATA_PROXY_URL",
-  "http_proxy", "https_proxy", "all_proxy", "no_proxy",
-  "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+  "HF_HUB_CACHE",
+  "HUGGINGFACE_HUB_CACHE",
+  "HF_HUB_OFFLINE",
+  "TRANSFORMERS_OFFLINE",
+  "HF_ENDPOINT",
+  "HF_TOKEN",
+  "XDG_CACHE_HOME",
+  "KAGGLE_USERNAME",
+  "KAGGLE_KEY",
+  "KAGGLE_API_TOKEN",
+  "KAGGLE_KERNEL_RUN_TYPE",
+  "KAGGLE_DATA_PROXY_URL",
+  "http_proxy",
+  "https_proxy",
+  "all_proxy",
+  "no_proxy",
+  "HTTP_PROXY",
+  "HTTPS_PROXY",
+  "ALL_PROXY",
+  "NO_PROXY",
   _netprobe.SKIP_PROBE_ENV,
 )
 
@@ -119,8 +133,12 @@ def test_import_touches_no_network_and_no_hub_library():
   )
   root = pathlib.Path(__file__).resolve().parent.parent
   result = subprocess.run(
-    [sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-    timeout=60, check=False,
+    [sys.executable, "-c", code],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
   )
   assert result.returncode == 0, result.stderr
 

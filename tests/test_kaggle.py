@@ -27,7 +27,9 @@ def write(path: pathlib.Path, tree) -> pathlib.Path:
 
 def read(path, variant, **kwargs):
   with shapes_differ():
-    return kaggle.read_kaggle_checkpoint(path, variant=variant, progress=False, **kwargs)
+    return kaggle.read_kaggle_checkpoint(
+      path, variant=variant, progress=False, **kwargs
+    )
 
 
 def assert_same_params(got, want):
@@ -53,37 +55,37 @@ def logits_pair(cfg, a, b) -> tuple[np.ndarray, np.ndarray]:
 
 
 ROUNDTRIPS = {
-    "flat-gemma1-mha": ("gemma1_mha", "flat", {}),
-    "flat-gemma1-mqa": ("gemma1_mqa", "flat", {}),
-    "flat-gemma1-mqa-squeezed": ("gemma1_mqa", "flat", {"squeeze_mqa": True}),
-    "flat-gemma2": ("gemma2", "flat", {}),
-    "flat-gemma2-9b-transposed": ("gemma2_9b", "flat", {"transpose_gating": True}),
-    "flat-gemma3-vision": (
-        "gemma3",
-        "flat",
-        {"transpose_gating": True, "with_vision": True},
-    ),
-    "flat-gemma3-mqa": ("gemma3_mqa", "flat", {"transpose_gating": True}),
-    "nested-gemma1-mha": ("gemma1_mha", "nested", {}),
-    "nested-gemma2": ("gemma2", "nested", {}),
-    "nested-gemma3-no-outer": (
-        "gemma3",
-        "nested",
-        {"outer": False, "transpose_gating": True},
-    ),
-    "stacked-gemma3-p6-uneven": ("gemma3", "stacked", {"pattern_len": 6}),
-    "stacked-gemma3-p6-nested": (
-        "gemma3",
-        "stacked",
-        {"pattern_len": 6, "nested": True},
-    ),
-    "stacked-gemma2-p2": ("gemma2", "stacked", {"pattern_len": 2}),
-    "stacked-gemma3-single-axis": ("gemma3_mqa", "stacked", {"pattern_len": None}),
+  "flat-gemma1-mha": ("gemma1_mha", "flat", {}),
+  "flat-gemma1-mqa": ("gemma1_mqa", "flat", {}),
+  "flat-gemma1-mqa-squeezed": ("gemma1_mqa", "flat", {"squeeze_mqa": True}),
+  "flat-gemma2": ("gemma2", "flat", {}),
+  "flat-gemma2-9b-transposed": ("gemma2_9b", "flat", {"transpose_gating": True}),
+  "flat-gemma3-vision": (
+    "gemma3",
+    "flat",
+    {"transpose_gating": True, "with_vision": True},
+  ),
+  "flat-gemma3-mqa": ("gemma3_mqa", "flat", {"transpose_gating": True}),
+  "nested-gemma1-mha": ("gemma1_mha", "nested", {}),
+  "nested-gemma2": ("gemma2", "nested", {}),
+  "nested-gemma3-no-outer": (
+    "gemma3",
+    "nested",
+    {"outer": False, "transpose_gating": True},
+  ),
+  "stacked-gemma3-p6-uneven": ("gemma3", "stacked", {"pattern_len": 6}),
+  "stacked-gemma3-p6-nested": (
+    "gemma3",
+    "stacked",
+    {"pattern_len": 6, "nested": True},
+  ),
+  "stacked-gemma2-p2": ("gemma2", "stacked", {"pattern_len": 2}),
+  "stacked-gemma3-single-axis": ("gemma3_mqa", "stacked", {"pattern_len": None}),
 }
 _WRITERS = {
-    "flat": writers.to_flat,
-    "nested": writers.to_nested,
-    "stacked": writers.to_stacked,
+  "flat": writers.to_flat,
+  "nested": writers.to_nested,
+  "stacked": writers.to_stacked,
 }
 
 
@@ -99,13 +101,13 @@ def test_layout_roundtrip_is_exact(tmp_path, case):
 
 
 @pytest.mark.parametrize(
-    "case",
-    [
-        "flat-gemma1-mha",
-        "flat-gemma1-mqa-squeezed",
-        "flat-gemma2-9b-transposed",
-        "stacked-gemma3-p6-uneven",
-    ],
+  "case",
+  [
+    "flat-gemma1-mha",
+    "flat-gemma1-mqa-squeezed",
+    "flat-gemma2-9b-transposed",
+    "stacked-gemma3-p6-uneven",
+  ],
 )
 def test_loaded_model_logits_match(tmp_path, case):
   name, layout, kwargs = ROUNDTRIPS[case]
@@ -122,7 +124,9 @@ def test_square_mlp_gating_follows_variant_negative_control(tmp_path):
   # D == F: the shape cannot tell the orientation, the variant decides.
   cfg = writers.tiny_config("gemma3", mlp_hidden_dim=32)
   original = writers.random_params(cfg, seed=4)
-  right = write(tmp_path / "right", writers.to_flat(cfg, original, transpose_gating=True))
+  right = write(
+    tmp_path / "right", writers.to_flat(cfg, original, transpose_gating=True)
+  )
   _, got = read(right, "gemma3_1b")
   assert_same_params(got, original)
   # Written un-transposed but read as Gemma 3 (transposed): wrong weights.
@@ -171,8 +175,8 @@ def _preset_tree(name: str, layout: str):
   """Shape-only tree of a full-size preset (nothing is allocated)."""
   cfg = config.preset(name)
   shapes = {
-      k: jax.ShapeDtypeStruct(s, jnp.bfloat16)
-      for k, s in params.expected_shapes(cfg).items()
+    k: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    for k, s in params.expected_shapes(cfg).items()
   }
   transpose = kaggle.needs_gating_transpose(name)
 
@@ -197,11 +201,11 @@ def test_infers_every_published_preset_from_shapes(name):
 
 def test_gemma3_270m_and_gemma_2b_are_told_apart():
   # Both have 18 layers; QK-norm (and widths) tell them apart.
-  assert kaggle.infer_config_from_kaggle(_preset_tree("gemma3_270m", "flat")).family == (
-      "gemma3"
-  )
+  assert kaggle.infer_config_from_kaggle(
+    _preset_tree("gemma3_270m", "flat")
+  ).family == ("gemma3")
   assert kaggle.infer_config_from_kaggle(_preset_tree("gemma_2b", "flat")).family == (
-      "gemma1"
+    "gemma1"
   )
 
 

@@ -10,8 +10,14 @@ import pytest
 from gemma_surgery.loading import _netprobe
 
 _PROXY_VARS = (
-  "http_proxy", "https_proxy", "all_proxy", "no_proxy",
-  "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+  "http_proxy",
+  "https_proxy",
+  "all_proxy",
+  "no_proxy",
+  "HTTP_PROXY",
+  "HTTPS_PROXY",
+  "ALL_PROXY",
+  "NO_PROXY",
 )
 
 

@@ -36,7 +36,7 @@ def _golden(variant):
 @pytest.fixture(scope="module", params=HF_VARIANTS)
 def loaded(request):
   return request.param, gemma_surgery.load(
-      HF_FIXTURES / request.param, dtype="float32", progress=False
+    HF_FIXTURES / request.param, dtype="float32", progress=False
   )
 
 
@@ -66,27 +66,29 @@ def _reload(variant, **config_changes):
 
 
 @pytest.mark.parametrize(
-    "variant,change",
-    [
-        ("gemma2", {"sliding_window": 9}),
-        ("gemma2", {"query_pre_attn_scalar": 16.0}),
-        ("gemma2", {"attn_logits_soft_cap": None}),
-        ("gemma3", {"sliding_window": 9}),
-        ("gemma3", {"rope_global_scale": 1.0}),
-        ("gemma3", {"rope_global_base": 10_000.0}),
-    ],
+  "variant,change",
+  [
+    ("gemma2", {"sliding_window": 9}),
+    ("gemma2", {"query_pre_attn_scalar": 16.0}),
+    ("gemma2", {"attn_logits_soft_cap": None}),
+    ("gemma3", {"sliding_window": 9}),
+    ("gemma3", {"rope_global_scale": 1.0}),
+    ("gemma3", {"rope_global_base": 10_000.0}),
+  ],
 )
 def test_negative_controls_are_detected(variant, change):
   """A wrong window, query scale, soft cap or RoPE must break parity."""
   golden = _golden(variant)
-  diff = np.abs(_logits(_reload(variant, **change), golden["tokens"]) - golden["logits"])
+  diff = np.abs(
+    _logits(_reload(variant, **change), golden["tokens"]) - golden["logits"]
+  )
   assert diff.max() > 100 * TOLERANCE, f"{change} went unnoticed ({diff.max()})"
 
 
 def test_old_and_new_config_schemas_agree():
   new = hf_config.config_from_hf(hf_config.read_config_json(HF_FIXTURES / "gemma3"))
   old = hf_config.config_from_hf(
-      hf_config.read_config_json(HF_FIXTURES / "gemma3_old_schema_config.json")
+    hf_config.read_config_json(HF_FIXTURES / "gemma3_old_schema_config.json")
   )
   assert old == new
   assert new.rope_global_scale == 8.0 and new.rope_local_scale == 1.0
@@ -103,10 +105,10 @@ def test_live_transformers_parity(variant):
   transformers = pytest.importorskip("transformers")
   directory = HF_FIXTURES / variant
   reference = transformers.AutoModelForCausalLM.from_pretrained(
-      directory, torch_dtype=torch.float32, attn_implementation="eager"
+    directory, torch_dtype=torch.float32, attn_implementation="eager"
   ).eval()
   rng = np.random.default_rng(7)
-  tokens = rng.integers(4, 256, size=(3, 40)).astype(np.int32)
+  tokens = rng.integers(4, 512, size=(3, 40)).astype(np.int32)
   tokens[:, 0] = 2
   with torch.no_grad():
     expected = reference(torch.from_numpy(tokens).long()).logits.numpy()
@@ -117,12 +119,12 @@ def test_live_transformers_parity(variant):
   prompt = tokens[:1, :6]
   with torch.no_grad():
     ref_out = reference.generate(
-        torch.from_numpy(prompt).long(),
-        max_new_tokens=36,
-        min_new_tokens=36,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
+      torch.from_numpy(prompt).long(),
+      max_new_tokens=36,
+      min_new_tokens=36,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
     )[:, 6:].numpy()
   out = generate.greedy_generate(ours.model, prompt, max_new_tokens=36)
   np.testing.assert_array_equal(out, ref_out)

@@ -232,7 +232,10 @@ def test_as_tokenizer_gemma_package_like(tok):
   adapted = as_tokenizer(FakeGemmaPackageTokenizer(TINY))
   assert isinstance(adapted, Tokenizer)
   assert (adapted.pad_id, adapted.eos_id, adapted.bos_id, adapted.unk_id) == (
-    0, 1, 2, 3,
+    0,
+    1,
+    2,
+    3,
   )
   assert adapted.vocab_size == 512
   for text in ROUNDTRIP_TEXTS:

@@ -19,8 +19,7 @@ from gemma_surgery.errors import HubError
 _env_lock = threading.Lock()
 
 LOCAL_HINT = (
-  "pass a local checkpoint directory to gemma_surgery.load(...) instead of a "
-  "hub id"
+  "pass a local checkpoint directory to gemma_surgery.load(...) instead of a hub id"
 )
 
 
@@ -50,8 +49,7 @@ def parse_handle(handle: str) -> tuple[list[str], int | None]:
     version = int(parts[4])
   except ValueError:
     raise HubError(
-      f"invalid Kaggle model handle {handle!r}: version {parts[4]!r} is not an "
-      "integer"
+      f"invalid Kaggle model handle {handle!r}: version {parts[4]!r} is not an integer"
     ) from None
   return parts[:4], version if version > 0 else None
 
@@ -146,9 +144,7 @@ def describe_http(e: OSError) -> str:
   return "I/O error"
 
 
-def call_kagglehub(
-  handle: str, page: str, root: pathlib.Path | None
-) -> pathlib.Path:
+def call_kagglehub(handle: str, page: str, root: pathlib.Path | None) -> pathlib.Path:
   """`kagglehub.model_download(handle)` with errors mapped to HubError."""
   try:
     # Imported here, not at module level: importing hub stays offline & light.

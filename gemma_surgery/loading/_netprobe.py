@@ -27,6 +27,7 @@ def _target(url: str) -> tuple[str, int, str]:
   """Returns `(host, port, description)` to connect to for `url`."""
   # Lazy: urllib.request pulls in http.client and ssl.
   from urllib import request as urllib_request
+
   parts = urllib.parse.urlsplit(url)
   if not parts.hostname:
     raise Unreachable(f"cannot probe {url!r}: no host name in the URL")

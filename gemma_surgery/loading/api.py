@@ -121,6 +121,7 @@ def load(
   dtype: str = "bfloat16",
   activation_dtype: str | None = None,
   variant: str | None = None,
+  config: config_lib.GemmaConfig | None = None,
   mesh: jax.sharding.Mesh | None = None,
   sharding_rules: sharding.Rules | None = None,
   tokenizer: Any = None,
@@ -138,6 +139,10 @@ def load(
     variant: Variant name for Kaggle checkpoints whose non-shape knobs
       (windows, soft caps, RoPE) can't be read from the weights; inferred from
       shapes when omitted.
+    config: An explicit architecture, e.g. for a Kaggle-format checkpoint of
+      a size that matches no published variant. Overrides ``variant`` and a
+      Hugging Face ``config.json``; its dtypes are replaced by ``dtype`` /
+      ``activation_dtype``. Shapes are still checked against it.
     mesh: Shard parameters over this mesh by axis name while loading.
     sharding_rules: Axis-name rules (default `sharding.DEFAULT_RULES`).
     tokenizer: A tokenizer path or object to use instead of the checkpoint's
@@ -154,10 +159,9 @@ def load(
   """
   path = resolve(source, cache_dir=cache_dir)
   if _is_hf_dir(path):
-    raw = hf_config.read_config_json(path)
-    config = hf_config.config_from_hf(
-      raw, parameter_dtype=dtype, activation_dtype=activation_dtype
-    )
+    if config is None:
+      config = hf_config.config_from_hf(hf_config.read_config_json(path))
+    config = config.replace(parameter_dtype=dtype, activation_dtype=activation_dtype)
     canonical = hf.read_hf_params(path, config, progress=progress)
   else:
     # orbax is slow to import; only Kaggle/Flax checkpoints need it.
@@ -166,18 +170,21 @@ def load(
     config, canonical = kaggle.read_kaggle_checkpoint(
       path,
       variant=variant,
+      config=config,
       parameter_dtype=dtype,
       activation_dtype=activation_dtype,
     )
   model = params.bind_parameters(
     config, canonical, source=str(path), mesh=mesh, sharding_rules=sharding_rules
   )
-  return LoadedModel(
-    model=model,
-    config=config,
-    tokenizer=_load_tokenizer(tokenizer, path),
-    path=path,
-  )
+  found = _load_tokenizer(tokenizer, path)
+  if found is not None and found.vocab_size > config.vocab_size:
+    raise errors.TokenizerError(
+      f"The tokenizer has {found.vocab_size} tokens but the model's vocabulary"
+      f" has {config.vocab_size}: they don't belong together. Pass the"
+      " checkpoint's own tokenizer.model."
+    )
+  return LoadedModel(model=model, config=config, tokenizer=found, path=path)
 
 
 def _load_tokenizer(tokenizer: Any, path: pathlib.Path) -> GemmaTokenizer | None:

@@ -75,8 +75,7 @@ def download_kaggle(
   if not managed and not _kaggle.credentials_present():
     raise HubError(
       f"missing Kaggle credentials: cannot download {handle!r} (Gemma models "
-      "are gated, anonymous downloads are refused). "
-      + _kaggle.kaggle_fix(page)
+      "are gated, anonymous downloads are refused). " + _kaggle.kaggle_fix(page)
     )
   if not managed:
     try:
@@ -177,18 +176,14 @@ def download_hf(
       f"{_kaggle.LOCAL_HINT}"
     ) from e
   cache = _hf_cache_dir(cache_dir)
-  patterns = (
-    [allow_patterns] if isinstance(allow_patterns, str) else allow_patterns
-  )
+  patterns = [allow_patterns] if isinstance(allow_patterns, str) else allow_patterns
   common = {
     "revision": revision,
     "allow_patterns": None if patterns is None else list(patterns),
     "cache_dir": str(cache),
   }
   try:
-    path = huggingface_hub.snapshot_download(
-      repo_id, local_files_only=True, **common
-    )
+    path = huggingface_hub.snapshot_download(repo_id, local_files_only=True, **common)
     logger.info("Using cached Hugging Face snapshot %s at %s", repo_id, path)
     return pathlib.Path(path)
   except hf_errors.LocalEntryNotFoundError as e:
@@ -200,8 +195,7 @@ def download_hf(
     raise HubError(
       f"{where} has no complete snapshot in the Hugging Face cache "
       f"{str(cache)!r} and offline mode is on (HF_HUB_OFFLINE). Unset "
-      "HF_HUB_OFFLINE to download. "
-      + _hf_fix(repo_id)
+      "HF_HUB_OFFLINE to download. " + _hf_fix(repo_id)
     ) from local_miss
   endpoint = _hf_endpoint()
   try:

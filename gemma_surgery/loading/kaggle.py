@@ -37,38 +37,38 @@ from gemma_surgery.config import GemmaConfig
 from gemma_surgery.loading import kaggle_config, kaggle_layout
 from gemma_surgery.loading import params as canonical
 from gemma_surgery.loading.kaggle_config import (
-    infer_config_from_kaggle,
-    needs_gating_transpose,
+  infer_config_from_kaggle,
+  needs_gating_transpose,
 )
 
 __all__ = [
-    "find_checkpoint_dir",
-    "infer_config_from_kaggle",
-    "needs_gating_transpose",
-    "read_kaggle_checkpoint",
+  "find_checkpoint_dir",
+  "infer_config_from_kaggle",
+  "needs_gating_transpose",
+  "read_kaggle_checkpoint",
 ]
 
 # Leaves are restored in groups of about this many bytes, one orbax call per
 # group, so the progress bar moves on large checkpoints.
 _CHUNK_BYTES = 1 << 30
 _ORBAX_FILES = (
-    "_CHECKPOINT_METADATA",
-    "_sharding",
-    "manifest.ocdbt",
-    "ocdbt.process_0",
-    "commit_success.txt",
-    "checkpoint",
+  "_CHECKPOINT_METADATA",
+  "_sharding",
+  "manifest.ocdbt",
+  "ocdbt.process_0",
+  "commit_success.txt",
+  "checkpoint",
 )
 
 
 def _no_metadata_error(directory: pathlib.Path) -> errors.CheckpointError:
   step = (directory / "_CHECKPOINT_METADATA").exists()
   return errors.CheckpointError(
-      f"{directory} looks like an orbax checkpoint but has no orbax _METADATA"
-      f" file (the tree metadata){'' if step else ' nor _CHECKPOINT_METADATA'},"
-      " so it cannot be restored. Copies that lost these files (a known"
-      " problem of some GCS checkpoint copies) or interrupted downloads look"
-      " like this; download the checkpoint again."
+    f"{directory} looks like an orbax checkpoint but has no orbax _METADATA"
+    f" file (the tree metadata){'' if step else ' nor _CHECKPOINT_METADATA'},"
+    " so it cannot be restored. Copies that lost these files (a known"
+    " problem of some GCS checkpoint copies) or interrupted downloads look"
+    " like this; download the checkpoint again."
   )
 
 
@@ -88,8 +88,8 @@ def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
     raise errors.CheckpointError(f"Kaggle checkpoint path {path} does not exist.")
   if not path.is_dir():
     raise errors.CheckpointError(
-        f"{path} is a file; pass an orbax checkpoint folder (one with a _METADATA"
-        " file) or the Kaggle download folder that contains it."
+      f"{path} is a file; pass an orbax checkpoint folder (one with a _METADATA"
+      " file) or the Kaggle download folder that contains it."
     )
   if (path / "_METADATA").is_file():
     return path
@@ -99,28 +99,30 @@ def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
       return found[0]
     if found:
       raise errors.CheckpointError(
-          f"{path} holds several orbax checkpoints"
-          f" {[str(p.relative_to(path)) for p in found]}; pass one of them."
+        f"{path} holds several orbax checkpoints"
+        f" {[str(p.relative_to(path)) for p in found]}; pass one of them."
       )
   candidates = [path, *sorted(p for p in path.iterdir() if p.is_dir())]
   for candidate in candidates:
     if any((candidate / name).exists() for name in _ORBAX_FILES):
       raise _no_metadata_error(candidate)
   raise errors.CheckpointError(
-      f"No orbax checkpoint in {path}: neither it nor its subfolders have orbax's"
-      " _METADATA / _CHECKPOINT_METADATA files. Pass the folder of a Kaggle Flax"
-      " checkpoint, e.g. <download>/gemma2-2b-it."
+    f"No orbax checkpoint in {path}: neither it nor its subfolders have orbax's"
+    " _METADATA / _CHECKPOINT_METADATA files. Pass the folder of a Kaggle Flax"
+    " checkpoint, e.g. <download>/gemma2-2b-it."
   )
 
 
-def _corrupt(directory: pathlib.Path, what: str, e: Exception) -> errors.CheckpointError:
+def _corrupt(
+  directory: pathlib.Path, what: str, e: Exception
+) -> errors.CheckpointError:
   detail = str(e)
   if len(detail) > 500:  # Tensorstore appends its whole JSON spec.
     detail = detail[:500] + " ..."
   return errors.CheckpointError(
-      f"Cannot {what} of the orbax checkpoint {directory}: {type(e).__name__}:"
-      f" {detail}. The checkpoint is probably truncated or corrupt (e.g. an"
-      " interrupted download); delete it and download it again."
+    f"Cannot {what} of the orbax checkpoint {directory}: {type(e).__name__}:"
+    f" {detail}. The checkpoint is probably truncated or corrupt (e.g. an"
+    " interrupted download); delete it and download it again."
   )
 
 
@@ -134,8 +136,8 @@ def _read_tree_metadata(handler: Any, directory: pathlib.Path) -> Mapping:
   tree = getattr(meta, "tree", meta)
   if not isinstance(tree, Mapping):
     raise errors.CheckpointError(
-        f"{directory}/_METADATA does not describe a tree of arrays (got"
-        f" {type(tree).__name__}); this is not a Gemma Flax checkpoint."
+      f"{directory}/_METADATA does not describe a tree of arrays (got"
+      f" {type(tree).__name__}); this is not a Gemma Flax checkpoint."
     )
   return tree
 
@@ -168,36 +170,36 @@ def _chunks(sizes: Mapping[Any, int], budget: int) -> list[list]:
 
 
 def _restore(
-    handler: Any,
-    directory: pathlib.Path,
-    tree: Mapping,
-    paths: Sequence[kaggle_layout.TreePath],
-    progress: bool,
+  handler: Any,
+  directory: pathlib.Path,
+  tree: Mapping,
+  paths: Sequence[kaggle_layout.TreePath],
+  progress: bool,
 ) -> dict[kaggle_layout.TreePath, np.ndarray]:
   """Restores only ``paths`` as host numpy arrays in their stored dtype."""
   import orbax.checkpoint as ocp  # Slow import; only needed here.
 
   meta = {p: _get(tree, p) for p in paths}
   sizes = {
-      p: int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
-      for p, m in meta.items()
+    p: int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
+    for p, m in meta.items()
   }
   out = {}
   bar = tqdm(
-      total=sum(sizes.values()),
-      desc=f"Reading {directory.name}",
-      unit="B",
-      unit_scale=True,
-      disable=not progress,
+    total=sum(sizes.values()),
+    desc=f"Reading {directory.name}",
+    unit="B",
+    unit_scale=True,
+    disable=not progress,
   )
   with bar:
     for chunk in _chunks(sizes, _CHUNK_BYTES):
       item = _subtree({p: meta[p] for p in chunk})
       restore_args = _subtree(
-          {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in chunk}
+        {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in chunk}
       )
       args = ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True
+        item=item, restore_args=restore_args, partial_restore=True
       )
       try:
         restored = handler.restore(directory, args=args)
@@ -206,20 +208,23 @@ def _restore(
           bar.update(sizes[p])
       except Exception as e:  # orbax/tensorstore raise many types.
         first, last = "/".join(chunk[0]), "/".join(chunk[-1])
-        what = f"read {first!r}" if len(chunk) == 1 else (
-            f"read the {len(chunk)} arrays {first!r} ... {last!r}"
+        what = (
+          f"read {first!r}"
+          if len(chunk) == 1
+          else (f"read the {len(chunk)} arrays {first!r} ... {last!r}")
         )
         raise _corrupt(directory, what, e) from e
   return out
 
 
 def read_kaggle_checkpoint(
-    path: str | pathlib.Path,
-    *,
-    variant: str | None = None,
-    parameter_dtype: str = "float32",
-    activation_dtype: str | None = None,
-    progress: bool = True,
+  path: str | pathlib.Path,
+  *,
+  variant: str | None = None,
+  config: GemmaConfig | None = None,
+  parameter_dtype: str = "float32",
+  activation_dtype: str | None = None,
+  progress: bool = True,
 ) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
   """Reads a Kaggle/Flax Gemma checkpoint as a config and canonical params.
 
@@ -232,6 +237,9 @@ def read_kaggle_checkpoint(
     parameter_dtype: ``config.parameter_dtype`` of the returned config (the
       arrays keep their stored dtype; `params.bind_parameters` converts).
     activation_dtype: ``config.activation_dtype`` of the returned config.
+    config: The architecture, when it is known (e.g. a custom-size model):
+      skips inference; the checkpoint's shapes are still checked against it.
+      Its dtypes are replaced by ``parameter_dtype``/``activation_dtype``.
     progress: Show a progress bar while reading weights.
 
   Returns:
@@ -252,8 +260,10 @@ def read_kaggle_checkpoint(
     tree = _read_tree_metadata(handler, directory)
     entries = kaggle_layout.layout_entries(tree, source)
     shapes = kaggle_config.read_shapes(entries, source)
-    config = kaggle_config.config_from_shapes(shapes, variant, source).replace(
-        parameter_dtype=parameter_dtype, activation_dtype=activation_dtype
+    if config is None:
+      config = kaggle_config.config_from_shapes(shapes, variant, source)
+    config = config.replace(
+      parameter_dtype=parameter_dtype, activation_dtype=activation_dtype
     )
     transpose = needs_gating_transpose(variant if variant is not None else config)
     plan = kaggle_layout.canonical_plan(entries, config, transpose, source)

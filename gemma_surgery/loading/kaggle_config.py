@@ -30,11 +30,11 @@ from typing import Any
 
 from gemma_surgery import errors
 from gemma_surgery.config import (
-    GemmaConfig,
-    alternating_pattern,
-    normalize_variant_name,
-    preset,
-    preset_names,
+  GemmaConfig,
+  alternating_pattern,
+  normalize_variant_name,
+  preset,
+  preset_names,
 )
 from gemma_surgery.loading import kaggle_layout
 
@@ -68,13 +68,13 @@ class KaggleShapes:
 def _shape(entries: Mapping[str, kaggle_layout.Ref], name: str, rank: int, source):
   if name not in entries:
     raise errors.CheckpointError(
-        f"{source}: missing weight 'transformer/{name}', needed to infer the"
-        " architecture; the checkpoint may be truncated or not a Gemma model."
+      f"{source}: missing weight 'transformer/{name}', needed to infer the"
+      " architecture; the checkpoint may be truncated or not a Gemma model."
     )
   shape = entries[name].shape
   if len(shape) != rank:
     raise errors.CheckpointError(
-        f"{source}: {entries[name].key!r} has shape {shape}; expected rank {rank}."
+      f"{source}: {entries[name].key!r} has shape {shape}; expected rank {rank}."
     )
   return shape
 
@@ -90,15 +90,15 @@ def read_shapes(entries: Mapping[str, kaggle_layout.Ref], source: str) -> Kaggle
   if not layers:
     some = sorted(entries)[:5]
     raise errors.CheckpointError(
-        f"{source}: no transformer layers (keys like"
-        f" 'transformer/layer_0/attn/attn_vec_einsum') found; this is not a"
-        f" Gemma Flax checkpoint. Keys seen: {some}."
+      f"{source}: no transformer layers (keys like"
+      f" 'transformer/layer_0/attn/attn_vec_einsum') found; this is not a"
+      f" Gemma Flax checkpoint. Keys seen: {some}."
     )
   missing = sorted(set(range(layers[-1] + 1)) - set(layers))
   if missing:
     raise errors.CheckpointError(
-        f"{source}: layer(s) {[f'layer_{i}' for i in missing[:5]]} are missing"
-        f" although layer_{layers[-1]} exists; the checkpoint is incomplete."
+      f"{source}: layer(s) {[f'layer_{i}' for i in missing[:5]]} are missing"
+      f" although layer_{layers[-1]} exists; the checkpoint is incomplete."
     )
   vocab, d = _shape(entries, "embedder/input_embedding", 2, source)
   if "layer_0/attn/qkv_einsum" in entries:
@@ -110,16 +110,16 @@ def read_shapes(entries: Mapping[str, kaggle_layout.Ref], source: str) -> Kaggle
     k = kv.shape[1] if kv is not None and len(kv.shape) == 4 else 1
   f = _shape(entries, "layer_0/mlp/linear", 2, source)[0]
   return KaggleShapes(
-      num_layers=len(layers),
-      vocab_size=vocab,
-      embedding_dim=d,
-      num_heads=n,
-      num_kv_heads=k,
-      head_dim=h,
-      mlp_hidden_dim=f,
-      use_qk_norm="layer_0/attn/_query_norm" in entries,
-      use_post_attn_norm="layer_0/post_attention_norm" in entries,
-      use_post_ffw_norm="layer_0/post_ffw_norm" in entries,
+    num_layers=len(layers),
+    vocab_size=vocab,
+    embedding_dim=d,
+    num_heads=n,
+    num_kv_heads=k,
+    head_dim=h,
+    mlp_hidden_dim=f,
+    use_qk_norm="layer_0/attn/_query_norm" in entries,
+    use_post_attn_norm="layer_0/post_attention_norm" in entries,
+    use_post_ffw_norm="layer_0/post_ffw_norm" in entries,
   )
 
 
@@ -142,23 +142,23 @@ def _resized(base: GemmaConfig, shapes: KaggleShapes) -> dict[str, Any]:
 
 def _check_family(base: GemmaConfig, shapes: KaggleShapes, variant: str, source):
   features = (
-      ("use_qk_norm", "QK-norm weights (attn/_query_norm, attn/_key_norm)"),
-      ("use_post_attn_norm", "post_attention_norm weights"),
-      ("use_post_ffw_norm", "post_ffw_norm weights"),
+    ("use_qk_norm", "QK-norm weights (attn/_query_norm, attn/_key_norm)"),
+    ("use_post_attn_norm", "post_attention_norm weights"),
+    ("use_post_ffw_norm", "post_ffw_norm weights"),
   )
   for field, what in features:
     has, wants = getattr(shapes, field), getattr(base, field)
     if has != wants:
       raise errors.CheckpointError(
-          f"{source}: the checkpoint {'has' if has else 'lacks'} {what}, but"
-          f" variant {variant!r} is a {base.family} model that"
-          f" {'uses' if wants else 'has no'} them; pass the variant of the"
-          " right Gemma generation."
+        f"{source}: the checkpoint {'has' if has else 'lacks'} {what}, but"
+        f" variant {variant!r} is a {base.family} model that"
+        f" {'uses' if wants else 'has no'} them; pass the variant of the"
+        " right Gemma generation."
       )
 
 
 def config_from_shapes(
-    shapes: KaggleShapes, variant: str | None, source: str = "checkpoint"
+  shapes: KaggleShapes, variant: str | None, source: str = "checkpoint"
 ) -> GemmaConfig:
   """The config for ``shapes``, completed from a preset (see module doc).
 
@@ -171,32 +171,35 @@ def config_from_shapes(
     if len(matches) == 1:
       return preset(matches[0])
     raise errors.ConfigError(
-        f"{source}: the checkpoint's shapes ({shapes.describe()}) match"
-        f" {'several' if matches else 'no'} published Gemma variant(s)"
-        f" {matches or ''}; pass variant= to say which model it is (for a"
-        " custom size, the closest variant of its generation gives the"
-        " sliding window, soft caps and RoPE settings). Valid variants:"
-        f" {', '.join(preset_names())}."
+      f"{source}: the checkpoint's shapes ({shapes.describe()}) match"
+      f" {'several' if matches else 'no'} published Gemma variant(s)"
+      f" {matches or ''}; pass variant= to say which model it is (for a"
+      " custom size, the closest variant of its generation gives the"
+      " sliding window, soft caps and RoPE settings). Valid variants:"
+      f" {', '.join(preset_names())}."
     )
   base = preset(variant)
   _check_family(base, shapes, variant, source)
   if KaggleShapes.of_config(base) == shapes:
     return base
   theirs = dataclasses.asdict(KaggleShapes.of_config(base))
-  diffs = [f"{k} {theirs[k]}->{v}" for k, v in dataclasses.asdict(shapes).items()
-           if theirs[k] != v]
+  diffs = [
+    f"{k} {theirs[k]}->{v}"
+    for k, v in dataclasses.asdict(shapes).items()
+    if theirs[k] != v
+  ]
   warnings.warn(
-      f"{source}: shapes differ from variant {variant!r} ({', '.join(diffs)});"
-      " using the checkpoint's sizes with the variant's other settings.",
-      UserWarning,
-      stacklevel=3,
+    f"{source}: shapes differ from variant {variant!r} ({', '.join(diffs)});"
+    " using the checkpoint's sizes with the variant's other settings.",
+    UserWarning,
+    stacklevel=3,
   )
   sizes = dataclasses.asdict(shapes)
   return base.replace(**sizes, **_resized(base, shapes))
 
 
 def infer_config_from_kaggle(
-    params: Mapping[str, Any], variant: str | None = None
+  params: Mapping[str, Any], variant: str | None = None
 ) -> GemmaConfig:
   """Infers the `GemmaConfig` of a Kaggle/Flax Gemma checkpoint tree.
 

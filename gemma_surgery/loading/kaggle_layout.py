@@ -66,17 +66,17 @@ _STACKED = re.compile(r"^stacked_layers/(?:attention_type_(\d+)/)?(.+)$")
 _LAYER = re.compile(r"^layer_(\d+)/(.+)$")
 NORMS = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")
 LAYER_MODULES = frozenset(
-    (
-        *NORMS,
-        "attn/q_einsum",
-        "attn/kv_einsum",
-        "attn/qkv_einsum",
-        "attn/attn_vec_einsum",
-        "attn/_query_norm",
-        "attn/_key_norm",
-        "mlp/gating_einsum",
-        "mlp/linear",
-    )
+  (
+    *NORMS,
+    "attn/q_einsum",
+    "attn/kv_einsum",
+    "attn/qkv_einsum",
+    "attn/attn_vec_einsum",
+    "attn/_query_norm",
+    "attn/_key_norm",
+    "mlp/gating_einsum",
+    "mlp/linear",
+  )
 )
 
 
@@ -134,8 +134,8 @@ def module_name(path: TreePath) -> str:
 def _add(entries: dict[str, Ref], name: str, ref: Ref, source: str) -> None:
   if name in entries:
     raise errors.CheckpointError(
-        f"{source}: {name!r} is stored twice, as {entries[name].key!r} and"
-        f" {ref.key!r}; the checkpoint mixes layouts."
+      f"{source}: {name!r} is stored twice, as {entries[name].key!r} and"
+      f" {ref.key!r}; the checkpoint mixes layouts."
     )
   entries[name] = ref
 
@@ -163,15 +163,15 @@ def layout_entries(tree: Mapping[str, Any], source: str) -> dict[str, Ref]:
   typed = {group is not None for _, _, group, _ in stacked}
   if len(typed) > 1:
     raise errors.CheckpointError(
-        f"{source}: stacked_layers mixes keys with and without"
-        " 'attention_type_<p>'; cannot tell which layer each slice is."
+      f"{source}: stacked_layers mixes keys with and without"
+      " 'attention_type_<p>'; cannot tell which layer each slice is."
     )
   period = 1 + max((int(g) for _, _, g, _ in stacked if g is not None), default=0)
   for path, leaf, group, suffix in stacked:
     if not leaf.shape:
       raise errors.CheckpointError(
-          f"{source}: stacked weight {'/'.join(path)!r} is a scalar; it needs a"
-          " leading layer axis."
+        f"{source}: stacked weight {'/'.join(path)!r} is a scalar; it needs a"
+        " leading layer axis."
       )
     offset = int(group or 0)
     for s in range(leaf.shape[0]):
@@ -187,7 +187,7 @@ def layer_indices(entries: Mapping[str, Ref]) -> list[int]:
 
 
 def gating_is_transposed(
-    ref: Ref, config: GemmaConfig, default: bool, source: str
+  ref: Ref, config: GemmaConfig, default: bool, source: str
 ) -> bool:
   """Whether ``gating_einsum`` is stored ``[2, F, D]`` rather than ``[2, D, F]``.
 
@@ -204,8 +204,8 @@ def gating_is_transposed(
     if shape[1:] == (f, d):
       return True
   raise errors.CheckpointError(
-      f"{source}: {ref.key!r} has shape {shape}; expected [2, {d}, {f}] or the"
-      f" transposed [2, {f}, {d}] (d_model={d}, mlp={f})."
+    f"{source}: {ref.key!r} has shape {shape}; expected [2, {d}, {f}] or the"
+    f" transposed [2, {f}, {d}] (d_model={d}, mlp={f})."
   )
 
 
@@ -222,10 +222,10 @@ def _part(i: int, *, transpose: bool = False, add_axis: bool = False) -> Transfo
 
 
 def canonical_plan(
-    entries: Mapping[str, Ref],
-    config: GemmaConfig,
-    transpose_gating: bool,
-    source: str,
+  entries: Mapping[str, Ref],
+  config: GemmaConfig,
+  transpose_gating: bool,
+  source: str,
 ) -> dict[str, tuple[Ref, Transform]]:
   """How to build each canonical parameter from the checkpoint's modules.
 
@@ -247,9 +247,9 @@ def canonical_plan(
   def need(name: str) -> Ref:
     if name not in entries:
       raise errors.CheckpointError(
-          f"{source}: missing weight 'transformer/{name}' that a"
-          f" {config.family} model with {config.num_layers} layers needs; the"
-          " checkpoint may be truncated or of another variant."
+        f"{source}: missing weight 'transformer/{name}' that a"
+        f" {config.family} model with {config.num_layers} layers needs; the"
+        " checkpoint may be truncated or of another variant."
       )
     return entries[name]
 
@@ -257,21 +257,21 @@ def canonical_plan(
     match = _LAYER.match(name)
     if match and match.group(2) not in LAYER_MODULES:
       raise errors.CheckpointError(
-          f"{source}: unsupported weight 'transformer/{name}'; it is not part"
-          " of a Gemma 1/2/3 text layer, so this checkpoint is of another"
-          f" architecture. Known layer modules: {sorted(LAYER_MODULES)}."
+        f"{source}: unsupported weight 'transformer/{name}'; it is not part"
+        " of a Gemma 1/2/3 text layer, so this checkpoint is of another"
+        f" architecture. Known layer modules: {sorted(LAYER_MODULES)}."
       )
   plan = {
-      "embedder": (need("embedder/input_embedding"), _same),
-      "final_norm": (need("final_norm"), _same),
+    "embedder": (need("embedder/input_embedding"), _same),
+    "final_norm": (need("final_norm"), _same),
   }
   for i in range(config.num_layers):
     src = f"layer_{i}"
     wanted = {
-        "pre_attention_norm": True,
-        "pre_ffw_norm": True,
-        "post_attention_norm": config.use_post_attn_norm,
-        "post_ffw_norm": config.use_post_ffw_norm,
+      "pre_attention_norm": True,
+      "pre_ffw_norm": True,
+      "post_attention_norm": config.use_post_attn_norm,
+      "post_ffw_norm": config.use_post_ffw_norm,
     }
     for norm, used in wanted.items():
       if used:
@@ -280,7 +280,7 @@ def canonical_plan(
       qkv = need(f"{src}/attn/qkv_einsum")
       if len(qkv.shape) != 4 or qkv.shape[0] != 3:
         raise errors.CheckpointError(
-            f"{source}: {qkv.key!r} has shape {qkv.shape}; expected [3, N, D, H]."
+          f"{source}: {qkv.key!r} has shape {qkv.shape}; expected [3, N, D, H]."
         )
       for j, name in enumerate("qkv"):
         plan[f"{src}/attn/{name}"] = (qkv, _part(j))
@@ -289,8 +289,8 @@ def canonical_plan(
       kv = need(f"{src}/attn/kv_einsum")
       if len(kv.shape) not in (3, 4) or kv.shape[0] != 2:
         raise errors.CheckpointError(
-            f"{source}: {kv.key!r} has shape {kv.shape}; expected [2, K, D, H]"
-            " or, for multi-query attention, [2, D, H]."
+          f"{source}: {kv.key!r} has shape {kv.shape}; expected [2, K, D, H]"
+          " or, for multi-query attention, [2, D, H]."
         )
       squeezed = len(kv.shape) == 3
       plan[f"{src}/attn/k"] = (kv, _part(0, add_axis=squeezed))
