@@ -35,3 +35,11 @@ class InputError(GemmaSurgeryError, ValueError):
 
 class ShardingError(GemmaSurgeryError, ValueError):
   """A mesh or sharding rule does not fit the model or the devices."""
+
+
+class SiteError(GemmaSurgeryError, ValueError):
+  """An unknown site, a layer index out of range, or a site the model lacks."""
+
+
+class SurgeryError(GemmaSurgeryError, ValueError):
+  """A surgery layer got values that don't fit its site (axes, sizes, NaNs)."""

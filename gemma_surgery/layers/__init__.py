@@ -1,0 +1,1 @@
+"""Surgery layers: small Penzai layers inserted at named sites."""

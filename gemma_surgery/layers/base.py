@@ -1,0 +1,102 @@
+"""Shared pieces of surgery layers.
+
+Every surgery layer derives from `SurgeryLayer`, so ``unpatch`` can find and
+remove them all, and records the site it was inserted at (static fields: they
+are part of the structure, not array leaves, and never cause recompilation by
+changing).
+
+Side inputs read by position-aware layers:
+  token_positions: ``{batch, seq}`` int positions (−1 = padding); BOS is the
+    token at position 0.
+  generation_prompt_end: optional ``{batch}`` or scalar int, set by the fused
+    generation loop: tokens at positions ``>= generation_prompt_end`` are
+    generated. Without it every token counts as prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from penzai import pz
+
+from gemma_surgery import errors, heads, sites
+
+
+@pz.pytree_dataclass
+class SurgeryLayer(pz.nn.Layer):
+  """Base class of gemma_surgery's inserted layers (a type tag)."""
+
+  def site_axes_of(self, x: pz.nx.NamedArray) -> dict[str, int]:
+    return dict(x.named_shape)
+
+
+def user_view(site: str, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
+  """The activation as users see it (one ``heads`` axis at head sites)."""
+  return heads.to_user_heads(x) if site in sites.HEAD_SITES else x
+
+
+def native_value(
+  site: str, value: pz.nx.NamedArray, like: pz.nx.NamedArray
+) -> pz.nx.NamedArray:
+  """Converts a user-facing value (``heads`` axis) to ``like``'s layout."""
+  if site in sites.HEAD_SITES:
+    value = heads.to_native_heads(value, dict(like.named_shape))
+  extra = set(value.named_shape) - set(like.named_shape)
+  if extra:
+    raise errors.SurgeryError(
+      f"Value for site {site!r} has axes {sorted(extra)} that the activation"
+      f" lacks; activation axes: {dict(like.named_shape)}."
+    )
+  for name, size in value.named_shape.items():
+    if like.named_shape[name] != size:
+      raise errors.SurgeryError(
+        f"Value for site {site!r} has {name}={size}, the activation has"
+        f" {name}={like.named_shape[name]}."
+      )
+  return value
+
+
+def position_mask(
+  positions: str, side_inputs: dict, like: pz.nx.NamedArray, skip_bos: bool
+) -> pz.nx.NamedArray | None:
+  """``{batch?, seq}`` bool mask of positions an intervention applies to.
+
+  Returns None when every position applies (no masking needed).
+  """
+  token_positions = side_inputs.get("token_positions")
+  if token_positions is None:
+    if positions != "all" or skip_bos:
+      raise errors.SurgeryError(
+        "Position-dependent interventions need the token_positions side input."
+      )
+    return None
+  mask = token_positions >= 0
+  if skip_bos:
+    mask = mask & (token_positions != 0)
+  if positions == "all":
+    return mask
+  prompt_end = side_inputs.get("generation_prompt_end")
+  if prompt_end is None:
+    is_generated = pz.nx.wrap(jnp.zeros((), bool))
+  else:
+    if not isinstance(prompt_end, pz.nx.NamedArray):
+      prompt_end = pz.nx.wrap(jnp.asarray(prompt_end))
+    is_generated = token_positions >= prompt_end
+  if positions == "prompt":
+    return mask & ~is_generated
+  if positions == "generated":
+    return mask & is_generated
+  raise errors.SurgeryError(
+    f"positions={positions!r}; valid: 'all', 'prompt', 'generated'."
+  )
+
+
+POSITIONS = ("all", "prompt", "generated")
+
+
+def static_field(default=dataclasses.MISSING):
+  """A static (non-array) dataclass field."""
+  if default is dataclasses.MISSING:
+    return dataclasses.field(metadata={"pytree_node": False})
+  return dataclasses.field(default=default, metadata={"pytree_node": False})
