@@ -170,7 +170,8 @@ def _check_sizes(model: Any, site: str, value: pz.nx.NamedArray) -> None:
   for name, size in value.named_shape.items():
     if name in sizes and sizes[name] != size:
       raise errors.SurgeryError(
-        f"Value for site {site!r} has {name}={size}; the model has {name}={sizes[name]}."
+        f"Value for site {site!r} has {name}={size}; the model has"
+        f" {name}={sizes[name]}."
       )
 
 
