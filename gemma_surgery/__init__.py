@@ -3,7 +3,7 @@
 The curated public API. Everything here is documented in the README.
 """
 
-from gemma_surgery import errors, sharding
+from gemma_surgery import errors, heads, sharding, sites
 from gemma_surgery.build import GemmaTransformerLM, build_model
 from gemma_surgery.config import GemmaConfig, preset, preset_names
 from gemma_surgery.errors import (
@@ -13,16 +13,37 @@ from gemma_surgery.errors import (
   HubError,
   InputError,
   ShardingError,
+  SiteError,
+  SurgeryError,
   TokenizerError,
 )
 from gemma_surgery.generate import greedy_generate
+from gemma_surgery.layers.capture import DisplayIntermediate, SaveIntermediate
+from gemma_surgery.layers.steer import SteerIntermediate
 from gemma_surgery.loading.api import LoadedModel, load
+from gemma_surgery.run import jit_forward
 from gemma_surgery.sharding import make_mesh, shard_model
+from gemma_surgery.sites import SITES
+from gemma_surgery.surgery import Captures, capture, chain, steer, unpatch
 from gemma_surgery.tokenizer import GemmaTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "SITES",
+  "Captures",
+  "DisplayIntermediate",
+  "SaveIntermediate",
+  "SiteError",
+  "SteerIntermediate",
+  "SurgeryError",
+  "capture",
+  "chain",
+  "heads",
+  "jit_forward",
+  "sites",
+  "steer",
+  "unpatch",
   "CheckpointError",
   "ConfigError",
   "GemmaConfig",

@@ -70,54 +70,110 @@ class SiteInfo:
 SITES: dict[str, SiteInfo] = {
   s.name: s
   for s in [
-    SiteInfo("embed", False, ("embedding",), "hook_embed", "scaled embeddings"),
     SiteInfo(
-      "resid_pre", True, ("embedding",), "blocks.L.hook_resid_pre", "block input"
+      "embed",
+      False,
+      ("embedding",),
+      "hook_embed",
+      "token embeddings times sqrt(d_model)",
     ),
     SiteInfo(
-      "attn.q", True, ("heads", "projection"), "blocks.L.attn.hook_rot_q", "queries"
+      "resid_pre", True, ("embedding",), "blocks.L.hook_resid_pre", "input of block L"
     ),
     SiteInfo(
-      "attn.k", True, ("heads", "projection"), "blocks.L.attn.hook_rot_k", "keys"
+      "attn.q",
+      True,
+      ("heads", "projection"),
+      "blocks.L.attn.hook_rot_q",
+      "queries after QK-norm and RoPE, before scaling",
     ),
-    SiteInfo("attn.v", True, ("heads", "projection"), "blocks.L.attn.hook_v", "values"),
+    SiteInfo(
+      "attn.k",
+      True,
+      ("heads", "projection"),
+      "blocks.L.attn.hook_rot_k",
+      "keys after QK-norm and RoPE (kv heads)",
+    ),
+    SiteInfo(
+      "attn.v",
+      True,
+      ("heads", "projection"),
+      "blocks.L.attn.hook_v",
+      "values (kv heads)",
+    ),
     SiteInfo(
       "attn.scores",
       True,
       ("heads", "kv_seq"),
       "blocks.L.attn.hook_attn_scores",
-      "attention logits",
+      "scaled, soft-capped, masked logits",
     ),
     SiteInfo(
       "attn.pattern",
       True,
       ("heads", "kv_seq"),
       "blocks.L.attn.hook_pattern",
-      "attention weights",
+      "softmax attention weights",
     ),
     SiteInfo(
-      "attn.z", True, ("heads", "projection"), "blocks.L.attn.hook_z", "head outputs"
+      "attn.z",
+      True,
+      ("heads", "projection"),
+      "blocks.L.attn.hook_z",
+      "per-head mixed values, before W_O",
     ),
     SiteInfo(
-      "attn.out", True, ("embedding",), "blocks.L.hook_attn_out", "attention output"
+      "attn.out",
+      True,
+      ("embedding",),
+      "blocks.L.hook_attn_out",
+      "attention sublayer output (after post-norm)",
     ),
     SiteInfo(
-      "resid_mid", True, ("embedding",), "blocks.L.hook_resid_mid", "mid residual"
+      "resid_mid",
+      True,
+      ("embedding",),
+      "blocks.L.hook_resid_mid",
+      "residual after the attention sublayer",
     ),
     SiteInfo(
-      "mlp.in", True, ("embedding",), "blocks.L.ln2.hook_normalized", "MLP input"
+      "mlp.in",
+      True,
+      ("embedding",),
+      "blocks.L.ln2.hook_normalized",
+      "pre-FFW RMSNorm output",
     ),
     SiteInfo(
-      "mlp.hidden", True, ("neurons",), "blocks.L.mlp.hook_post", "MLP activations"
-    ),
-    SiteInfo("mlp.out", True, ("embedding",), "blocks.L.hook_mlp_out", "MLP output"),
-    SiteInfo(
-      "resid_post", True, ("embedding",), "blocks.L.hook_resid_post", "block output"
+      "mlp.hidden", True, ("neurons",), "blocks.L.mlp.hook_post", "gelu_tanh(gate) * up"
     ),
     SiteInfo(
-      "final_norm", False, ("embedding",), "ln_final.hook_normalized", "final norm"
+      "mlp.out",
+      True,
+      ("embedding",),
+      "blocks.L.hook_mlp_out",
+      "MLP sublayer output (after post-norm)",
     ),
-    SiteInfo("logits", False, ("vocabulary",), "(model output)", "output logits"),
+    SiteInfo(
+      "resid_post",
+      True,
+      ("embedding",),
+      "blocks.L.hook_resid_post",
+      "output of block L",
+    ),
+    SiteInfo(
+      "final_norm",
+      False,
+      ("embedding",),
+      "ln_final.hook_normalized",
+      "final RMSNorm output",
+    ),
+    SiteInfo(
+      "logits",
+      False,
+      ("vocabulary",),
+      "(model output)",
+      "logits (after any final soft cap)",
+    ),
   ]
 }
 
