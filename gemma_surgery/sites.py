@@ -8,6 +8,11 @@ site's activation. Resolution is structural — blocks by type, sublayers by
 their Penzai type and role — and every selection's count is asserted, so a
 site never silently lands elsewhere on another variant.
 
+Anchors skip past surgery layers already inserted at the same site, so
+rewrites stack in the order they were applied: a layer inserted later sees the
+activation as modified by earlier ones (``capture(steer(model, s, ...), s)``
+captures the steered value, at every site alike).
+
 Per-layer sites (layer ``L``; negative indices count from the end):
 
 =============  ==============================================  ==================
@@ -292,6 +297,41 @@ def _block_anchor(block: Any, site: str) -> tuple[pz.Selection, str]:
   raise AssertionError(site)
 
 
+def _node_at(root: Any, keypath: tuple) -> Any:
+  """The node of ``root`` at a pytree keypath."""
+  node = root
+  for key in keypath:
+    if hasattr(key, "name"):
+      node = getattr(node, key.name)
+    elif hasattr(key, "idx"):
+      node = node[key.idx]
+    else:
+      node = node[key.key]
+  return node
+
+
+def _past_inserted(root: Any, selection: pz.Selection) -> pz.Selection:
+  """Moves each anchor past the surgery layers that directly follow it.
+
+  Without this, a layer inserted at an "after X" site would land *before*
+  layers inserted there earlier, while at a "before X" site it lands after
+  them: capturing a steered model would see the steering at some sites and
+  not at others.
+  """
+  from gemma_surgery.layers.base import SurgeryLayer  # Avoids a cycle.
+
+  paths = []
+  for path in selection.selected_by_path:
+    if path and hasattr(path[-1], "idx"):
+      siblings = _node_at(root, path[:-1])
+      idx = path[-1].idx % len(siblings)
+      while idx + 1 < len(siblings) and isinstance(siblings[idx + 1], SurgeryLayer):
+        idx += 1
+      path = (*path[:-1], type(path[-1])(idx))
+    paths.append(path)
+  return pz.select(root).at_keypaths(paths)
+
+
 def _as_after(root: Any, selection: pz.Selection, side: str) -> pz.Selection:
   """Turns a "before X" anchor into "after X's previous sibling"."""
   paths = list(selection.selected_by_path.keys())
@@ -335,19 +375,20 @@ def select(model: Any, site: str, layers: int | Iterable[int] | None = None) -> 
   if not info.per_layer:
     if layers is not None:
       raise errors.SiteError(f"Site {site!r} is global: pass layers=None.")
-    return _global_anchor(model, owner, site, n)
+    return _past_inserted(model, _global_anchor(model, owner, site, n))
   indices = layer_indices(model, layers)
   block_paths = list(blocks.selected_by_path.keys())
   if site in ("resid_pre", "resid_post"):
     anchors = pz.select(model).at_keypaths([block_paths[i] for i in indices])
-    return _as_after(model, anchors, "before" if site == "resid_pre" else "after")
+    side = "before" if site == "resid_pre" else "after"
+    return _past_inserted(model, _as_after(model, anchors, side))
   paths = []
   for i in indices:
     block = blocks.selected_by_path[block_paths[i]]
     inner, side = _block_anchor(block, site)
     inner_after = _as_after(block, inner, side)
     paths += [block_paths[i] + p for p in inner_after.selected_by_path]
-  return pz.select(model).at_keypaths(paths)
+  return _past_inserted(model, pz.select(model).at_keypaths(paths))
 
 
 def _global_anchor(model: Any, owner: Any, site: str, n: int) -> pz.Selection:
