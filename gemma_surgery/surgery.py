@@ -31,11 +31,16 @@ class Captures:
 
   Holds the capture layers' state variables: after the patched model runs,
   ``captures[site, layer]`` (or ``captures[site]`` for global sites) is the
-  last value seen there.
+  last value seen there. Negative layers count from the end, as at `capture`.
   """
 
-  def __init__(self, savers: dict[tuple[str, int | None], SaveIntermediate]):
+  def __init__(
+    self,
+    savers: dict[tuple[str, int | None], SaveIntermediate],
+    num_layers: int | None = None,
+  ):
     self._savers = savers
+    self._num_layers = num_layers
 
   def keys(self) -> list[tuple[str, int | None]]:
     return list(self._savers)
@@ -44,7 +49,17 @@ class Captures:
     return self._key(key) in self._savers
 
   def _key(self, key) -> tuple[str, int | None]:
-    return (key, None) if isinstance(key, str) else tuple(key)
+    if isinstance(key, str):
+      return key, None
+    key = tuple(key)
+    if (
+      len(key) == 2
+      and isinstance(key[1], int)
+      and key[1] < 0
+      and self._num_layers is not None
+    ):
+      return key[0], key[1] + self._num_layers
+    return key
 
   def __getitem__(self, key) -> pz.nx.NamedArray:
     key = self._key(key)
@@ -83,6 +98,7 @@ def capture(
     ``(patched_model, captures)``.
   """
   names = [site_names] if isinstance(site_names, str) else list(site_names)
+  n = sites.num_layers(model)
   savers: dict[tuple[str, int | None], SaveIntermediate] = {}
 
   def make(site):
@@ -96,7 +112,7 @@ def capture(
   for site in names:
     site_layers = layers if sites.site_info(site).per_layer else None
     model = sites.insert(model, site, site_layers, make(site))
-  return model, Captures(savers)
+  return model, Captures(savers, n)
 
 
 def steer(
