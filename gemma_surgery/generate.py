@@ -22,6 +22,7 @@ or generated is an ordinary token (Penzai's default would mask every 0).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any
@@ -254,9 +255,15 @@ def _trim_seq(array: pz.nx.NamedArray, end: int) -> pz.nx.NamedArray:
   """``array[{"seq": :end}]`` with one slice op (no copy when nothing to cut)."""
   if array.named_shape["seq"] == end:
     return array
-  axis = len(array.positional_shape) + list(array.named_axes).index("seq")
-  return dataclasses.replace(
-    array, data_array=jax.lax.slice_in_dim(array.data_array, 0, end, axis=axis)
+  names = list(array.named_axes)
+  data = jax.lax.slice_in_dim(
+    array.data_array, 0, end, axis=len(array.positional_shape) + names.index("seq")
+  )
+  return pz.nx.NamedArray(
+    named_axes=collections.OrderedDict(
+      zip(names, data.shape[-len(names) :], strict=True)
+    ),
+    data_array=data,
   )
 
 
