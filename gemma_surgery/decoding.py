@@ -215,7 +215,13 @@ _CACHE_SIZE = 4
 def prepare(
   model: Any, batch: int, cache_len: int, mesh: Mesh | None, rules: Any
 ) -> tuple[Prepared, list[Any]]:
-  """A cached `Prepared` for ``model`` and its current leaves."""
+  """A cached `Prepared` for ``model`` and its current leaves.
+
+  Entries are keyed by the model object (weakly: an entry goes when its model
+  does), batch size, cache length and mesh; at most `_CACHE_SIZE` are kept.
+  With a mesh, parameters not already placed by axis name are copied onto it
+  once per entry: load with ``mesh=`` (or ``shard_model``) to avoid copies.
+  """
   key = (id(model), batch, cache_len, mesh, None if rules is None else tuple(rules))
   entry = _CACHE.get(key)
   if entry is not None and entry.model_ref() is model:
@@ -225,9 +231,16 @@ def prepare(
       return entry, leaves
   entry = Prepared(model, batch, cache_len, mesh, rules)
   _CACHE[key] = entry
+  # Drop the entry (and its arrays) as soon as the model is garbage.
+  weakref.finalize(model, _forget, key, entry)
   while len(_CACHE) > _CACHE_SIZE:
     _CACHE.popitem(last=False)
   return entry, entry.leaves
+
+
+def _forget(key: tuple, entry: Prepared) -> None:
+  if _CACHE.get(key) is entry:
+    del _CACHE[key]
 
 
 def _constrain(array: pz.nx.NamedArray, structure: Structure) -> pz.nx.NamedArray:

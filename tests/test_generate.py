@@ -163,3 +163,17 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
   tokens, _ = choose(logits, jax.random.key(0))
   counts = np.bincount(np.asarray(tokens.unwrap("batch")), minlength=4) / 4000
   np.testing.assert_allclose(counts, [0, 0.5 / 0.8, 0, 0.3 / 0.8], atol=0.03)
+
+
+def test_prepared_models_are_forgotten_with_their_model(base):
+  """The conversion cache holds models weakly (no compile involved)."""
+  import gc
+
+  model = gs.steer(base, "resid_post", 0, pz.nx.wrap(jnp.ones(64)).tag("embedding"))
+  before = len(decoding._CACHE)
+  decoding.prepare(model, 1, 8, None, None)
+  assert len(decoding._CACHE) == min(before + 1, decoding._CACHE_SIZE)
+  entry = decoding.prepare(model, 1, 8, None, None)[0]
+  del model
+  gc.collect()
+  assert entry not in decoding._CACHE.values()
