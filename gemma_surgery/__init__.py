@@ -17,7 +17,7 @@ from gemma_surgery.errors import (
   SurgeryError,
   TokenizerError,
 )
-from gemma_surgery.generate import greedy_generate
+from gemma_surgery.generate import GenerationResult, generate, greedy_generate
 from gemma_surgery.layers.capture import DisplayIntermediate, SaveIntermediate
 from gemma_surgery.layers.steer import SteerIntermediate
 from gemma_surgery.loading.api import LoadedModel, load
@@ -57,6 +57,8 @@ __all__ = [
   "TokenizerError",
   "build_model",
   "errors",
+  "generate",
+  "GenerationResult",
   "greedy_generate",
   "load",
   "make_mesh",

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   # Imported here so that `--help` is instant.
-  from gemma_surgery import generate
+  from gemma_surgery.generate import greedy_generate
   from gemma_surgery.loading.api import load
 
   try:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{lm.path} has no tokenizer.model; pass --tokenizer PATH."
       )
     ids = lm.tokenizer.encode(args.prompt, add_bos=True)
-    out = generate.greedy_generate(
+    out = greedy_generate(
       lm.model, [ids], max_new_tokens=args.max_new_tokens, eos_id=lm.config.eos_id
     )[0]
     new = [int(t) for t in out]

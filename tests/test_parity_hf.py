@@ -18,7 +18,7 @@ from conftest import HF_FIXTURES, HF_VARIANTS
 from penzai import pz
 
 import gemma_surgery
-from gemma_surgery import generate
+from gemma_surgery.generate import greedy_generate
 from gemma_surgery.loading import hf, hf_config, params
 
 TOLERANCE = 1e-4
@@ -53,7 +53,7 @@ def test_greedy_matches_golden(loaded):
   new = golden["greedy"].shape[1]
   assert new >= 32
   # Prompt (8) + 40 new tokens runs far past the sliding window (8).
-  out = generate.greedy_generate(lm.model, golden["prompt"], max_new_tokens=new)
+  out = greedy_generate(lm.model, golden["prompt"], max_new_tokens=new)
   np.testing.assert_array_equal(out, golden["greedy"])
 
 
@@ -126,5 +126,5 @@ def test_live_transformers_parity(variant):
       eos_token_id=None,
       pad_token_id=0,
     )[:, 6:].numpy()
-  out = generate.greedy_generate(ours.model, prompt, max_new_tokens=36)
+  out = greedy_generate(ours.model, prompt, max_new_tokens=36)
   np.testing.assert_array_equal(out, ref_out)

@@ -10,7 +10,8 @@ from conftest import HF_FIXTURES
 from penzai import pz
 
 import gemma_surgery
-from gemma_surgery import generate, sharding
+from gemma_surgery import sharding
+from gemma_surgery.generate import greedy_generate
 
 
 def _logits(model, tokens):
@@ -52,8 +53,8 @@ def _check_sharded_matches(variant, mesh, dtype, tolerance):
   assert np.abs(got - expected).max() <= tolerance
 
   prompt = tokens[:, :6]
-  new_single = generate.greedy_generate(single.model, prompt, max_new_tokens=12)
-  new_sharded = generate.greedy_generate(sharded.model, prompt, max_new_tokens=12)
+  new_single = greedy_generate(single.model, prompt, max_new_tokens=12)
+  new_sharded = greedy_generate(sharded.model, prompt, max_new_tokens=12)
   np.testing.assert_array_equal(new_single, new_sharded)
 
 
