@@ -143,7 +143,9 @@ def test_mean_and_value_ablation():
   clean, acts = gs.capture(model, "resid_post", 1)
   clean(_named(tokens))
   x = _np(acts["resid_post", 1], "batch", "seq", "embedding")
-  mean, after = gs.capture(iv.ablate(model, "resid_post", 1, mode="mean"), "resid_post", 1)
+  mean, after = gs.capture(
+    iv.ablate(model, "resid_post", 1, mode="mean"), "resid_post", 1
+  )
   mean(_named(tokens))
   got = _np(after["resid_post", 1], "batch", "seq", "embedding")
   np.testing.assert_allclose(got, np.broadcast_to(x.mean((0, 1)), x.shape), atol=1e-5)
@@ -191,3 +193,131 @@ def test_patching_chosen_heads_of_attn_z():
   expected = z_a.copy()
   expected[:, :, head] = _np(z_b, "batch", "seq", "heads", "projection")[:, :, head]
   np.testing.assert_array_equal(got, expected)
+
+
+# --- Attention patterns -----------------------------------------------------------
+
+
+def _pattern(acts, layer) -> np.ndarray:
+  return _np(acts["attn.pattern", layer], "batch", "seq", "heads", "kv_seq")
+
+
+def test_knockout_puts_all_mass_on_bos_within_reach():
+  """gemma2: layer 0 is local (window 8), layer 1 global."""
+  model, knocked_heads = _model("gemma2"), [0, 3]
+  tokens = _tokens(4)
+  clean, acts = gs.capture(model, "attn.pattern", [0, 1])
+  clean(_named(tokens))
+  knocked, after = gs.capture(
+    iv.knock_out_heads(model, [0, 1], knocked_heads), "attn.pattern", [0, 1]
+  )
+  knocked(_named(tokens))
+  for layer, window in [(0, 8), (1, None)]:
+    got = _pattern(after, layer)
+    bos = np.zeros((SEQ, SEQ))
+    bos[: window or SEQ, 0] = 1.0
+    for h in range(4):
+      if h in knocked_heads:
+        np.testing.assert_array_equal(got[:, :, h], np.broadcast_to(bos, (2, SEQ, SEQ)))
+      elif layer == 0:  # Later layers see the knockout's effect.
+        np.testing.assert_array_equal(got[:, :, h], _pattern(acts, layer)[:, :, h])
+
+
+def test_override_with_bos_pattern_equals_knockout():
+  model, tokens = _model("gemma1_mha"), _tokens(5)
+  bos = np.zeros((SEQ, SEQ), np.float32)
+  bos[:, 0] = 1.0
+  pattern = pz.nx.wrap(jnp.asarray(bos)).tag("seq", "kv_seq")
+  overridden = iv.override_pattern(model, None, pattern, heads=[1])
+  knocked = iv.knock_out_heads(model, None, [1])
+  np.testing.assert_allclose(
+    _logits(overridden, tokens), _logits(knocked, tokens), atol=1e-6
+  )
+
+
+def test_rescaling_a_head_to_zero_equals_zeroing_its_z():
+  model, tokens = _model("gemma3"), _tokens(6)
+  rescaled = iv.rescale_pattern(model, 1, _heads([1, 1, 0, 1]))
+  ablated = iv.ablate(model, "attn.z", 1, heads=[2])
+  np.testing.assert_allclose(
+    _logits(rescaled, tokens), _logits(ablated, tokens), atol=1e-6
+  )
+
+
+def test_rescale_over_kv_seq_with_renormalisation():
+  model, tokens = _model("gemma1_mqa"), _tokens(7)
+  factors = np.linspace(0.5, 2.0, SEQ).astype(np.float32)
+  clean, acts = gs.capture(model, "attn.pattern", 0)
+  clean(_named(tokens))
+  named = pz.nx.wrap(jnp.asarray(factors)).tag("kv_seq")
+  edited, after = gs.capture(
+    iv.rescale_pattern(model, 0, named, renormalize=True), "attn.pattern", 0
+  )
+  edited(_named(tokens))
+  expected = _pattern(acts, 0) * factors
+  expected /= expected.sum(-1, keepdims=True)
+  np.testing.assert_allclose(_pattern(after, 0), expected, atol=1e-6)
+
+
+def _left_padded(pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """Row 0 is row 1's first SEQ - pad tokens behind ``pad`` pad tokens (id 0)."""
+  tokens = _tokens(8)
+  tokens[0, pad:] = tokens[1, : SEQ - pad]
+  tokens[0, :pad] = 0
+  positions = np.tile(np.arange(SEQ, dtype=np.int32), (2, 1))
+  positions[0] = np.arange(SEQ) - pad
+  positions[0, :pad] = -1
+  return tokens, positions
+
+
+def test_knockout_with_left_padding():
+  model, pad = _model("gemma2"), 3
+  tokens, positions = _left_padded(pad)
+  knocked, acts = gs.capture(iv.knock_out_heads(model, None, [1, 2]), "attn.pattern")
+  logits = _logits(knocked, tokens, token_positions=_named(positions))
+  np.testing.assert_allclose(logits[0, pad:], logits[1, : SEQ - pad], atol=1e-5)
+  got = _pattern(acts, 1)  # Global layer.
+  assert np.all(got[0, pad:, 1:3, pad] == 1.0)
+  assert np.all(got[0, :pad, 1:3] == 0.0)
+  assert got[0, pad:, 1:3].sum() == (SEQ - pad) * 2
+
+
+@pytest.mark.parametrize("variant", ["gemma2"])
+def test_knockout_under_kv_cached_decoding(variant):
+  model, pad = _model(variant), 2
+  tokens, positions = _left_padded(pad)
+  knocked = iv.knock_out_heads(model, None, [0, 3])
+  expected = _logits(knocked, tokens, token_positions=_named(positions))
+  cached = sampling_mode.KVCachingTransformerLM.from_uncached(
+    knocked, cache_len=SEQ, batch_axes={"batch": 2}
+  )
+  prefill = SEQ - 3  # Decoding steps reach past gemma2's window (8).
+  steps = [_np(cached(_named(tokens[:, :prefill])), "batch", "seq", "vocabulary")]
+  for t in range(prefill, SEQ):
+    steps.append(
+      _np(cached(_named(tokens[:, t : t + 1])), "batch", "seq", "vocabulary")
+    )
+  got = np.concatenate(steps, axis=1)
+  np.testing.assert_allclose(got[0, pad:], expected[0, pad:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-5)
+  unknocked = _logits(model, tokens, token_positions=_named(positions))
+  assert np.abs(expected[1] - unknocked[1]).max() > 1e-3
+
+
+# --- Top-k captures ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  ("site", "axis", "k"), [("mlp.hidden", "neurons", 5), ("attn.pattern", "kv_seq", 3)]
+)
+def test_topk_capture_equals_lax_top_k_of_full_capture(site, axis, k):
+  model, tokens = _model("gemma2"), _tokens(9)
+  full, acts = gs.capture(model, site, [0, -1])
+  both, top = iv.capture_topk(full, site, [0, -1], k)
+  both(_named(tokens))
+  for layer in (0, -1):
+    values, indices = top[site, layer]
+    rest = [a for a in acts[site, layer].named_axes if a != axis]
+    ref_v, ref_i = jax.lax.top_k(acts[site, layer].unwrap(*rest, axis), k)
+    np.testing.assert_array_equal(values.unwrap(*rest, "top_k"), ref_v)
+    np.testing.assert_array_equal(indices.unwrap(*rest, "top_k"), ref_i)
