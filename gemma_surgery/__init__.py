@@ -3,7 +3,7 @@
 The curated public API. Everything here is documented in the README.
 """
 
-from gemma_surgery import errors, heads, sharding, sites
+from gemma_surgery import errors, heads, interventions, sharding, sites
 from gemma_surgery.build import GemmaTransformerLM, build_model
 from gemma_surgery.config import GemmaConfig, preset, preset_names
 from gemma_surgery.errors import (
@@ -40,6 +40,7 @@ __all__ = [
   "capture",
   "chain",
   "heads",
+  "interventions",
   "jit_forward",
   "sites",
   "steer",
