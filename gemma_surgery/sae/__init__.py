@@ -1,0 +1,1 @@
+"""Sparse autoencoders (Gemma Scope) in Penzai."""
