@@ -43,3 +43,7 @@ class SiteError(GemmaSurgeryError, ValueError):
 
 class SurgeryError(GemmaSurgeryError, ValueError):
   """A surgery layer got values that don't fit its site (axes, sizes, NaNs)."""
+
+
+class SAEError(GemmaSurgeryError, ValueError):
+  """An SAE file, its metadata, or its use doesn't fit (keys, shapes, sizes)."""

@@ -26,8 +26,8 @@ from gemma_surgery import errors
 
 Rules = Sequence[tuple[str, str]]
 
-# Megatron-style: MLP neurons, attention heads and the vocabulary split over
-# ``model``; batches over ``data``. MQA models have no kv head axis, so their
+# Megatron-style: MLP neurons, attention heads, the vocabulary and SAE latents
+# split over ``model``; batches over ``data``. MQA models have no kv head axis, so their
 # key/value projections stay replicated.
 DEFAULT_RULES: Rules = (
   ("batch", "data"),
@@ -36,6 +36,7 @@ DEFAULT_RULES: Rules = (
   ("head_groups", "model"),
   ("query_heads", "model"),
   ("vocabulary", "model"),
+  ("latents", "model"),
 )
 
 

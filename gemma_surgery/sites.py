@@ -15,23 +15,24 @@ captures the steered value, at every site alike).
 
 Per-layer sites (layer ``L``; negative indices count from the end):
 
-=============  ==============================================  ==================
-site           activation                                      axes (+batch, seq)
-=============  ==============================================  ==================
-resid_pre      input of block L                                embedding
-attn.q         queries after QK-norm and RoPE, before scaling  heads*, projection
-attn.k         keys after QK-norm and RoPE                     heads*, projection
-attn.v         values                                          heads*, projection
-attn.scores    logits after scale, soft cap and mask           heads*, kv_seq
-attn.pattern   softmax attention weights                       heads*, kv_seq
-attn.z         per-head mixed values, before the output proj   heads*, projection
-attn.out       attention sublayer output (after post-norm)     embedding
-resid_mid      residual after the attention sublayer           embedding
-mlp.in         normalized MLP input (pre-FFW norm output)      embedding
-mlp.hidden     gelu(gate) * up                                 neurons
-mlp.out        MLP sublayer output (after post-norm)           embedding
-resid_post     output of block L                               embedding
-=============  ==============================================  ==================
+================  ==============================================  ==================
+site              activation                                      axes (+batch, seq)
+================  ==============================================  ==================
+resid_pre         input of block L                                embedding
+attn.q            queries after QK-norm and RoPE, before scaling  heads*, projection
+attn.k            keys after QK-norm and RoPE                     heads*, projection
+attn.v            values                                          heads*, projection
+attn.scores       logits after scale, soft cap and mask           heads*, kv_seq
+attn.pattern      softmax attention weights                       heads*, kv_seq
+attn.z            per-head mixed values, before the output proj   heads*, projection
+attn.out          attention sublayer output (after post-norm)     embedding
+resid_mid         residual after the attention sublayer           embedding
+mlp.in            normalized MLP input (pre-FFW norm output)      embedding
+mlp.in_unscaled   pre-FFW norm output without its gain (x/rms)    embedding
+mlp.hidden        gelu(gate) * up                                 neurons
+mlp.out           MLP sublayer output (after post-norm)           embedding
+resid_post        output of block L                               embedding
+================  ==============================================  ==================
 
 Global sites: ``embed`` (after the sqrt(d_model) scaling), ``final_norm``
 (output of the final RMSNorm), ``logits`` (after any final soft cap).
@@ -147,6 +148,13 @@ SITES: dict[str, SiteInfo] = {
       ("embedding",),
       "blocks.L.ln2.hook_normalized",
       "pre-FFW RMSNorm output",
+    ),
+    SiteInfo(
+      "mlp.in_unscaled",
+      True,
+      ("embedding",),
+      "blocks.L.ln2.hook_normalized (fold_ln)",
+      "pre-FFW RMSNorm output without its gain, x / rms(x)",
     ),
     SiteInfo(
       "mlp.hidden", True, ("neurons",), "blocks.L.mlp.hook_post", "gelu_tanh(gate) * up"
@@ -271,6 +279,11 @@ def _block_anchor(block: Any, site: str) -> tuple[pz.Selection, str]:
     return mlp_res.at(lambda r: r.delta.sublayers[-1]), "after"
   if site == "mlp.in":
     return ffw, "before"
+  if site == "mlp.in_unscaled":
+    norm = mlp_res.at_instances_of(pz.nn.RMSLayerNorm).pick_nth_selected(0)
+    return _single(
+      norm.at_instances_of(pz.nn.RMSStandardize), "pre-FFW RMS standardization"
+    ), "after"
   if site == "mlp.hidden":
     return _single(
       ffw.at_instances_of(pz.nn.BranchAndMultiplyTogether), "GeGLU product"

@@ -168,6 +168,8 @@ def reference_forward(
     # In Gemma 1, HF's post_attention_layernorm *is* the pre-MLP norm.
     pre_ffw = "post_attention_layernorm" if gemma1 else "pre_feedforward_layernorm"
     mlp_in = _rms_norm(x, w[p + pre_ffw + ".weight"], eps)
+    # mlp.in_unscaled: the same norm without its gain, x / rms(x).
+    out["mlp.in_unscaled", layer] = _rms_norm(x, np.zeros(d), eps)
     out["mlp.in", layer] = mlp_in  # mlp.in: pre-FFW norm output.
     gate = mlp_in @ w[p + "mlp.gate_proj.weight"].T
     up = mlp_in @ w[p + "mlp.up_proj.weight"].T
@@ -388,6 +390,19 @@ def test_negative_control_wrong_head_grouping(gemma2):
   )
   err = _max_error(_array(gemma2.captures, "attn.z", 0), wrong["attn.z", 0])
   assert err > 100 * TOLERANCE, err
+
+
+def test_mlp_in_unscaled_is_mlp_in_without_the_gain(run):
+  """mlp.in = mlp.in_unscaled * gain, and the gain is not the identity."""
+  prefix = "model.layers.1."
+  weights = load_file(run.directory / "model.safetensors")
+  gemma1 = run.variant.startswith("gemma1")
+  name = "post_attention_layernorm" if gemma1 else "pre_feedforward_layernorm"
+  gain = 1.0 + weights[prefix + name + ".weight"].astype(np.float64)
+  unscaled = _array(run.captures, "mlp.in_unscaled", 1)
+  scaled = _array(run.captures, "mlp.in", 1)
+  assert _max_error(unscaled * gain, scaled) <= TOLERANCE
+  assert _max_error(unscaled, scaled) > 100 * TOLERANCE
 
 
 # --- Captures are transparent; unpatch ---------------------------------------

@@ -1,1 +1,23 @@
-"""Sparse autoencoders (Gemma Scope) in Penzai."""
+"""Sparse autoencoders and transcoders (Gemma Scope 1 and 2) on Penzai models.
+
+    from gemma_surgery import sae
+    repo = "google/gemma-scope-2b-pt-res"
+    enc = sae.load_sae(repo, "layer_20/width_16k/average_l0_71")
+    spliced, feats = sae.splice_sae(model, enc, use_error_term=True,
+                                    capture_features=True)
+
+Modules: `layers` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
+`load` (reading Gemma Scope files), `hookpoints` (which site an SAE reads),
+`edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`.
+"""
+
+from gemma_surgery.sae.layers import AutoEncoder, JumpReLU, SAEInfo, Transcoder
+from gemma_surgery.sae.load import load_sae
+
+__all__ = [
+  "AutoEncoder",
+  "JumpReLU",
+  "SAEInfo",
+  "Transcoder",
+  "load_sae",
+]

@@ -1,0 +1,230 @@
+"""JumpReLU sparse autoencoders and transcoders as Penzai layers.
+
+Axes: an SAE maps an ``{..., embedding}`` activation to ``{..., latents}``
+features and back; ``embedding`` is the SAE's input size ``d_in`` (d_model,
+or ``heads * projection`` for attention-output SAEs, see
+`gemma_surgery.sae.splice`). Other axes (``batch``, ``seq``…) pass through.
+
+The equations are Gemma Scope's (arXiv 2408.05147), with no ``b_dec``
+pre-subtraction and no input normalization::
+
+  f     = JumpReLU_θ(x · W_enc + b_enc),   JumpReLU_θ(z) = z · 1[z > θ]
+  x_hat = f · W_dec + b_dec                (+ x · W_skip for affine transcoders)
+
+Everything is computed in float32 whatever the parameters' dtype; the
+threshold θ is always stored in float32. Weights are ``pz.Parameter`` s
+labelled ``sae/<name>/{w_enc,b_enc,w_dec,b_dec,threshold,w_skip}``, so
+``pz.unbind_params``, `gemma_surgery.sharding.shard_model` and treescope see
+them like model weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemma_surgery.layers import base
+
+FAMILIES = ("res", "mlp", "att", "transcoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEInfo:
+  """Static description of an SAE: what it reads, where it came from.
+
+  Attributes:
+    family: ``"res"``, ``"mlp"``, ``"att"`` or ``"transcoder"``.
+    layer: The block index it reads (and, for transcoders, writes).
+    site: The gemma_surgery site it reads (`gemma_surgery.sites`).
+    d_in: Input size (``embedding`` axis of the SAE).
+    width: Number of latents.
+    out_site: For transcoders, the site whose activation it replaces.
+    d_out: Output size (``d_in`` except for unusual transcoders).
+    source: Where it was loaded from (``repo:path`` or a local path).
+    release: ``"gemma-scope"``, ``"gemma-scope-2"`` or None.
+    l0: The L0 label of the release (``"71"``, ``"medium"``…), if known.
+    neuronpedia: Neuronpedia ``model/source`` id, e.g.
+      ``"gemma-2-2b/20-gemmascope-res-16k"``, if known. Neuronpedia hosts one
+      L0 variant per layer and width; it describes this SAE only when that
+      variant is the one loaded.
+    hook_in: The Hugging Face hook point it reads (``hf_hook_point_in``).
+    hook_out: The Hugging Face hook point a transcoder writes.
+  """
+
+  family: str
+  layer: int
+  site: str
+  d_in: int
+  width: int
+  out_site: str | None = None
+  d_out: int | None = None
+  source: str = ""
+  release: str | None = None
+  l0: str | None = None
+  neuronpedia: str | None = None
+  hook_in: str | None = None
+  hook_out: str | None = None
+
+  @property
+  def name(self) -> str:
+    """A short name: ``res/layer_20/16384`` style."""
+    return f"{self.family}/layer_{self.layer}/{self.width}"
+
+
+def _f32(x: pz.nx.NamedArray) -> pz.nx.NamedArray:
+  return x.astype(jnp.float32)
+
+
+def contract(name: str, left: pz.nx.NamedArray, right: pz.nx.NamedArray) -> Any:
+  """Float32 contraction over axis ``name`` at full precision (no TF32/bf16
+  passes on accelerators: JumpReLU thresholds are sensitive)."""
+  return pz.nx.nmap(jnp.tensordot)(
+    _f32(left).untag(name),
+    _f32(right).untag(name),
+    axes=1,
+    precision=jax.lax.Precision.HIGHEST,
+  )
+
+
+def _param(value: Any, label: str, axes: tuple[str, ...], dtype: Any) -> pz.Parameter:
+  array = jnp.asarray(np.asarray(value), dtype)
+  return pz.Parameter(value=pz.nx.wrap(array).tag(*axes), label=label)
+
+
+@pz.pytree_dataclass
+class JumpReLU(pz.nn.Layer):
+  """``z · 1[z > θ]`` elementwise over ``latents``.
+
+  Attributes:
+    threshold: ``{latents}`` float32 θ.
+  """
+
+  threshold: pz.ParameterLike[pz.nx.NamedArray]
+
+  def __call__(self, pre: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+    """Applies the JumpReLU to ``{..., latents}`` pre-activations (float32)."""
+    pre = _f32(pre)
+    theta = _f32(self.threshold.value)
+    return pz.nx.nmap(jnp.where)(pre > theta, pre, jnp.zeros((), jnp.float32))
+
+
+@pz.pytree_dataclass
+class AutoEncoder(pz.nn.Layer):
+  """A JumpReLU sparse autoencoder; calling it reconstructs its input.
+
+  Attributes:
+    w_enc: ``{embedding, latents}`` encoder weights.
+    b_enc: ``{latents}`` encoder bias.
+    w_dec: ``{latents, embedding}`` decoder weights (row ``i`` is latent
+      ``i``'s direction).
+    b_dec: ``{embedding}`` decoder bias.
+    activation: The `JumpReLU` holding θ.
+    info: Static metadata (`SAEInfo`).
+  """
+
+  w_enc: pz.ParameterLike[pz.nx.NamedArray]
+  b_enc: pz.ParameterLike[pz.nx.NamedArray]
+  w_dec: pz.ParameterLike[pz.nx.NamedArray]
+  b_dec: pz.ParameterLike[pz.nx.NamedArray]
+  activation: JumpReLU
+  info: SAEInfo = base.static_field()
+
+  def encode(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
+    """``{..., embedding}`` activations to ``{..., latents}`` features (f32)."""
+    pre = contract("embedding", x, self.w_enc.value)
+    return self.activation(pre + _f32(self.b_enc.value))
+
+  def decode(self, features: pz.nx.NamedArray) -> pz.nx.NamedArray:
+    """``{..., latents}`` features to ``{..., embedding}`` output (f32)."""
+    out = contract("latents", features, self.w_dec.value)
+    return out + _f32(self.b_dec.value)
+
+  def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+    """The reconstruction ``decode(encode(x))`` (float32)."""
+    return self.decode(self.encode(x))
+
+  @property
+  def width(self) -> int:
+    return self.info.width
+
+  @property
+  def d_in(self) -> int:
+    return self.info.d_in
+
+  @classmethod
+  def from_arrays(
+    cls,
+    arrays: dict[str, np.ndarray],
+    info: SAEInfo,
+    *,
+    dtype: Any = jnp.float32,
+    name: str | None = None,
+  ) -> AutoEncoder:
+    """Builds the layer from ``w_enc [d, F]``, ``w_dec [F, d]``, ``b_enc``,
+    ``b_dec``, ``threshold`` (and ``w_skip [d, d]`` for transcoders).
+
+    Args:
+      arrays: Numpy arrays with the canonical lowercase names; shapes are
+        assumed checked (see `gemma_surgery.sae.files.check_arrays`).
+      info: Metadata.
+      dtype: Storage dtype of the weights (θ is always float32).
+      name: Label prefix, default ``info.source`` or ``info.name``.
+    """
+    prefix = f"sae/{name or info.source or info.name}"
+    fields = dict(
+      w_enc=_param(arrays["w_enc"], f"{prefix}/w_enc", ("embedding", "latents"), dtype),
+      b_enc=_param(arrays["b_enc"], f"{prefix}/b_enc", ("latents",), dtype),
+      w_dec=_param(arrays["w_dec"], f"{prefix}/w_dec", ("latents", "embedding"), dtype),
+      b_dec=_param(arrays["b_dec"], f"{prefix}/b_dec", ("embedding",), dtype),
+      activation=JumpReLU(
+        _param(arrays["threshold"], f"{prefix}/threshold", ("latents",), jnp.float32)
+      ),
+      info=info,
+    )
+    if cls is Transcoder:
+      skip = arrays.get("w_skip")
+      fields["w_skip"] = (
+        None
+        if skip is None
+        else _param(skip, f"{prefix}/w_skip", ("embedding", "embedding_out"), dtype)
+      )
+    return cls(**fields)
+
+  def treescope_color(self) -> str:
+    return "#c58af9"
+
+
+@pz.pytree_dataclass(
+  has_implicitly_inherited_fields=True
+)  # pytype: disable=wrong-keyword-args
+class Transcoder(AutoEncoder):
+  """A JumpReLU transcoder: reads one site, predicts another.
+
+  ``__call__(x) = decode(encode(x)) + x · W_skip`` (the skip term only for
+  affine transcoders). `decode` alone never includes the skip term, which
+  depends on the input, not on the features.
+
+  Attributes:
+    w_skip: Optional ``{embedding, embedding_out}`` affine skip connection
+      (``x̂ += x · W_skip``), or None.
+  """
+
+  w_skip: pz.ParameterLike[pz.nx.NamedArray] | None = None
+
+  def skip(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray | None:
+    """``x · W_skip`` as ``{..., embedding}`` (f32), or None without skip."""
+    if self.w_skip is None:
+      return None
+    out = contract("embedding", x, self.w_skip.value)
+    return out.untag("embedding_out").tag("embedding")
+
+  def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+    """The predicted output activation (float32)."""
+    out = self.decode(self.encode(x))
+    skip = self.skip(x)
+    return out if skip is None else out + skip
