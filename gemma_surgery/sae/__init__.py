@@ -11,13 +11,32 @@ Modules: `layers` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
 `edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`.
 """
 
+from gemma_surgery.sae.edits import FeatureEdits, feature_edits
 from gemma_surgery.sae.layers import AutoEncoder, JumpReLU, SAEInfo, Transcoder
 from gemma_surgery.sae.load import load_sae
+from gemma_surgery.sae.shard import shard_sae
+from gemma_surgery.sae.splice import (
+  FeatureCapture,
+  SpliceSAE,
+  TranscoderInput,
+  TranscoderOutput,
+  set_edits,
+  splice_sae,
+)
 
 __all__ = [
   "AutoEncoder",
+  "FeatureCapture",
+  "FeatureEdits",
   "JumpReLU",
   "SAEInfo",
+  "SpliceSAE",
   "Transcoder",
+  "TranscoderInput",
+  "TranscoderOutput",
+  "feature_edits",
   "load_sae",
+  "set_edits",
+  "shard_sae",
+  "splice_sae",
 ]

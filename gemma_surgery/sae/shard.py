@@ -1,0 +1,28 @@
+"""Sharding SAEs over a device mesh, along ``latents``."""
+
+from __future__ import annotations
+
+from jax.sharding import Mesh
+
+from gemma_surgery import sharding
+from gemma_surgery.sae.layers import AutoEncoder
+
+
+def shard_sae(
+  sae: AutoEncoder,
+  mesh: Mesh,
+  rules: sharding.Rules | None = None,
+  *,
+  strict: bool = False,
+) -> AutoEncoder:
+  """A copy of ``sae`` with its parameters placed on ``mesh``; pure.
+
+  By default the ``latents`` axis of ``w_enc``, ``b_enc``, ``w_dec`` and θ
+  follows its rule in `gemma_surgery.sharding.DEFAULT_RULES` (the ``model``
+  mesh axis) and everything else is replicated; pass e.g.
+  ``[("latents", "data")]`` to choose another mesh axis. A width that doesn't
+  divide stays replicated (``strict=True`` raises `ShardingError`).
+  """
+  if rules is None:
+    rules = [rule for rule in sharding.DEFAULT_RULES if rule[0] == "latents"]
+  return sharding.shard_model(sae, mesh, rules, strict=strict)
