@@ -11,6 +11,7 @@ Modules: `layers` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
 `edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`.
 """
 
+from gemma_surgery.sae import metrics
 from gemma_surgery.sae.edits import FeatureEdits, feature_edits
 from gemma_surgery.sae.layers import AutoEncoder, JumpReLU, SAEInfo, Transcoder
 from gemma_surgery.sae.load import load_sae
@@ -25,6 +26,7 @@ from gemma_surgery.sae.splice import (
 )
 
 __all__ = [
+  "metrics",
   "AutoEncoder",
   "FeatureCapture",
   "FeatureEdits",
