@@ -3,7 +3,7 @@
 The curated public API. Everything here is documented in the README.
 """
 
-from gemma_surgery import errors, heads, sharding, sites
+from gemma_surgery import errors, heads, sae, sharding, sites
 from gemma_surgery.build import GemmaTransformerLM, build_model
 from gemma_surgery.config import GemmaConfig, preset, preset_names
 from gemma_surgery.errors import (
@@ -12,6 +12,7 @@ from gemma_surgery.errors import (
   GemmaSurgeryError,
   HubError,
   InputError,
+  SAEError,
   ShardingError,
   SiteError,
   SurgeryError,
@@ -40,6 +41,7 @@ __all__ = [
   "capture",
   "chain",
   "heads",
+  "sae",
   "jit_forward",
   "sites",
   "steer",
@@ -53,6 +55,7 @@ __all__ = [
   "HubError",
   "InputError",
   "LoadedModel",
+  "SAEError",
   "ShardingError",
   "TokenizerError",
   "build_model",
