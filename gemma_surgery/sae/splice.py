@@ -146,6 +146,8 @@ class SpliceSAE(base.SurgeryLayer):
   positions: str = base.static_field("all")
 
   def __call__(self, value: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+    if self.use_error_term and self.edits is None and self.features is None:
+      return value  # x + (decode(f) - decode(f)): nothing to compute.
     x = flatten_heads(self.site, value).astype(jnp.float32)
     f = self.sae.encode(x)
     new = _spliced(self.sae, f, x, self.edits, self.use_error_term)
@@ -203,6 +205,8 @@ class TranscoderOutput(base.SurgeryLayer):
         " missing or did not run first."
       )
     self.channel.value = None
+    if self.use_error_term and self.edits is None and self.features is None:
+      return value
     x_in = flatten_heads(self.sae.info.site, x_in).astype(jnp.float32)
     y = flatten_heads(self.site, value).astype(jnp.float32)
     f = self.sae.encode(x_in)
