@@ -57,6 +57,7 @@ __all__ = [
   "HubError",
   "InputError",
   "LoadedModel",
+  "SAEError",
   "ShardingError",
   "TokenizerError",
   "build_model",

@@ -177,6 +177,17 @@ def test_labels_and_axes(tmp_path):
   assert dict(sae.w_dec.value.named_shape) == {"latents": 128, "embedding": 64}
 
 
+def test_symlinked_file_keeps_its_path(tmp_path):
+  """Hugging Face cache files are symlinks to content-addressed blobs."""
+  folder = W.write_gs1(tmp_path / "snap", "gemma-scope-2b-pt-mlp", 4, W.random_sae(6))
+  blob = tmp_path / "blobs" / "0123abcd"
+  blob.parent.mkdir()
+  (folder / "params.npz").rename(blob)
+  (folder / "params.npz").symlink_to(blob)
+  info = load_sae(folder / "params.npz").info
+  assert (info.family, info.layer, info.site) == ("mlp", 4, "mlp.out")
+
+
 # --- Hugging Face cache (offline) ----------------------------------------------
 
 
@@ -191,10 +202,18 @@ def _hf_snapshot(hf_home, repo: str):
 
 @pytest.fixture
 def offline_hf(tmp_path, monkeypatch):
+  """An empty HF cache in offline mode, undone after the test.
+
+  huggingface_hub reads HF_HUB_OFFLINE once, at import: import it first and
+  patch its constant too, so other tests don't inherit offline mode.
+  """
+  from huggingface_hub import constants
+
   for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT"):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
   return tmp_path / "hf_home"
 
 

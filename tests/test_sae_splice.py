@@ -140,6 +140,8 @@ def test_error_term_is_exact_and_features_match(variant, family, layer, affine):
   np.testing.assert_allclose(f[:, 1:], expected[:, 1:], atol=TOL, rtol=0)
   assert (f[:, 0] == 0).all(), "BOS features are not computed by default"
   assert 0.05 <= (f[:, 1:] > 0).mean() <= 0.4
+  bare = splice_sae(_model(variant), sae, use_error_term=True)  # Short-circuits.
+  np.testing.assert_array_equal(_run(bare, [])[0], clean_logits)
 
 
 @pytest.mark.parametrize("variant,family,layer,affine", CASES)
@@ -256,6 +258,24 @@ def test_new_edit_values_reuse_the_compiled_model():
   )
   assert np.abs(first - second).max() > 1e-3
   np.testing.assert_allclose(second, _run(other, [])[0], atol=1e-4, rtol=1e-5)
+
+
+def _layers(model) -> list:
+  return list(pz.select(model).at_instances_of(SurgeryLayer).get_sequence())
+
+
+def test_set_edits_targets_one_sae_and_checks_widths():
+  res, _ = _sae("gemma2", "res", 1)
+  tc, _ = _sae("gemma2", "transcoder", 2)
+  model = splice_sae(splice_sae(_model("gemma2"), res), tc)
+  edited = set_edits(model, feature_edits(res, ablate=[4]), sae=res)
+  by_family = {type(x).__name__: x for x in _layers(edited)}
+  assert by_family["SpliceSAE"].edits is not None
+  assert by_family["TranscoderOutput"].edits is None
+  cleared = set_edits(edited, None)
+  assert all(getattr(x, "edits", None) is None for x in _layers(cleared))
+  with pytest.raises(errors.SAEError, match="FeatureEdits for 128 latents"):
+    set_edits(model, feature_edits(16, ablate=[1]))
 
 
 # --- KV caching, generation, padding -----------------------------------------------

@@ -3,14 +3,14 @@
 Gemma Scope 1 (Gemma 2; repos ``google/gemma-scope-{2b,9b,27b}-{pt,it}-
 {res,mlp,att,transcoders}``, files ``layer_L/width_W/average_l0_M/params.npz``):
 
-===========  =================  ==============
-family       reads              writes
-===========  =================  ==============
-res          ``resid_post``     (same site)
-mlp          ``mlp.out``        (same site)
-att          ``attn.z``         (same site; heads flattened head-major)
-transcoder   ``mlp.in_unscaled`` ``mlp.out``
-===========  =================  ==============
+===========  ===================  ==========================================
+family       reads                writes
+===========  ===================  ==========================================
+res          ``resid_post``       (same site)
+mlp          ``mlp.out``          (same site)
+att          ``attn.z``           (same site; heads flattened head-major)
+transcoder   ``mlp.in_unscaled``  ``mlp.out``
+===========  ===================  ==========================================
 
 Gemma Scope 1 transcoders read the pre-MLP RMSNorm output *without* its gain
 (the paper folds the gain into the MLP weights).

@@ -96,6 +96,19 @@ def _param(value: Any, label: str, axes: tuple[str, ...], dtype: Any) -> pz.Para
   return pz.Parameter(value=pz.nx.wrap(array).tag(*axes), label=label)
 
 
+def _fields(arrays: dict, info: SAEInfo, dtype: Any, prefix: str) -> dict:
+  """Constructor fields of `AutoEncoder` (parameters labelled ``prefix/…``)."""
+  theta = _param(arrays["threshold"], f"{prefix}/threshold", ("latents",), jnp.float32)
+  return dict(
+    w_enc=_param(arrays["w_enc"], f"{prefix}/w_enc", ("embedding", "latents"), dtype),
+    b_enc=_param(arrays["b_enc"], f"{prefix}/b_enc", ("latents",), dtype),
+    w_dec=_param(arrays["w_dec"], f"{prefix}/w_dec", ("latents", "embedding"), dtype),
+    b_dec=_param(arrays["b_dec"], f"{prefix}/b_dec", ("embedding",), dtype),
+    activation=JumpReLU(theta),
+    info=info,
+  )
+
+
 @pz.pytree_dataclass
 class JumpReLU(pz.nn.Layer):
   """``z · 1[z > θ]`` elementwise over ``latents``.
@@ -165,35 +178,19 @@ class AutoEncoder(pz.nn.Layer):
     dtype: Any = jnp.float32,
     name: str | None = None,
   ) -> AutoEncoder:
-    """Builds the layer from ``w_enc [d, F]``, ``w_dec [F, d]``, ``b_enc``,
-    ``b_dec``, ``threshold`` (and ``w_skip [d, d]`` for transcoders).
+    """Builds the layer from numpy arrays with the canonical names.
 
     Args:
-      arrays: Numpy arrays with the canonical lowercase names; shapes are
-        assumed checked (see `gemma_surgery.sae.files.check_arrays`).
+      arrays: ``w_enc [d, F]``, ``w_dec [F, d]``, ``b_enc [F]``, ``b_dec
+        [d]``, ``threshold [F]`` (and ``w_skip [d, d]`` for a `Transcoder`);
+        shapes are assumed checked (`gemma_surgery.sae.files.check_arrays`).
       info: Metadata.
       dtype: Storage dtype of the weights (θ is always float32).
       name: Label prefix, default ``info.source`` or ``info.name``.
     """
-    prefix = f"sae/{name or info.source or info.name}"
-    fields = dict(
-      w_enc=_param(arrays["w_enc"], f"{prefix}/w_enc", ("embedding", "latents"), dtype),
-      b_enc=_param(arrays["b_enc"], f"{prefix}/b_enc", ("latents",), dtype),
-      w_dec=_param(arrays["w_dec"], f"{prefix}/w_dec", ("latents", "embedding"), dtype),
-      b_dec=_param(arrays["b_dec"], f"{prefix}/b_dec", ("embedding",), dtype),
-      activation=JumpReLU(
-        _param(arrays["threshold"], f"{prefix}/threshold", ("latents",), jnp.float32)
-      ),
-      info=info,
+    return cls(
+      **_fields(arrays, info, dtype, f"sae/{name or info.source or info.name}")
     )
-    if cls is Transcoder:
-      skip = arrays.get("w_skip")
-      fields["w_skip"] = (
-        None
-        if skip is None
-        else _param(skip, f"{prefix}/w_skip", ("embedding", "embedding_out"), dtype)
-      )
-    return cls(**fields)
 
   def treescope_color(self) -> str:
     return "#c58af9"
@@ -215,6 +212,22 @@ class Transcoder(AutoEncoder):
   """
 
   w_skip: pz.ParameterLike[pz.nx.NamedArray] | None = None
+
+  @classmethod
+  def from_arrays(
+    cls,
+    arrays: dict[str, np.ndarray],
+    info: SAEInfo,
+    *,
+    dtype: Any = jnp.float32,
+    name: str | None = None,
+  ) -> Transcoder:
+    """As `AutoEncoder.from_arrays`, plus the optional ``w_skip``."""
+    prefix = f"sae/{name or info.source or info.name}"
+    skip = arrays.get("w_skip")
+    if skip is not None:
+      skip = _param(skip, f"{prefix}/w_skip", ("embedding", "embedding_out"), dtype)
+    return cls(**_fields(arrays, info, dtype, prefix), w_skip=skip)
 
   def skip(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray | None:
     """``x · W_skip`` as ``{..., embedding}`` (f32), or None without skip."""

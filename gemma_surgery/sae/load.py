@@ -129,7 +129,8 @@ def load_sae(
       )
     folder, file = (local.parent, local) if local.is_file() else (local, None)
     where = str(folder)
-    text = str(local.resolve()).replace(os.sep, "/")
+    # abspath, not resolve(): Hugging Face cache files are symlinks to blobs.
+    text = os.path.abspath(local).replace(os.sep, "/")
   file = file or _find_file(folder, where)
   if file.suffix == ".npz":
     raw = files.read_npz(file)

@@ -38,6 +38,7 @@ transcoders), or with ``y + (edit(f) − f) · W_dec`` with the error term.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax.numpy as jnp
@@ -52,6 +53,8 @@ from gemma_surgery.sae.layers import AutoEncoder, Transcoder, contract
 # Order of the per-layer sites an SAE can read or write, within a block.
 _READABLE = ("resid_pre", "attn.z", "attn.out", "resid_mid", "mlp.in_unscaled")
 _READABLE += ("mlp.in", "mlp.out", "resid_post")
+# Suffixes keeping state variable labels unique when an SAE is spliced twice.
+_SPLICES = itertools.count()
 
 
 def flatten_heads(site: str, value: pz.nx.NamedArray) -> pz.nx.NamedArray:
@@ -143,6 +146,8 @@ class SpliceSAE(base.SurgeryLayer):
   positions: str = base.static_field("all")
 
   def __call__(self, value: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+    if self.use_error_term and self.edits is None and self.features is None:
+      return value  # x + (decode(f) - decode(f)): nothing to compute.
     x = flatten_heads(self.site, value).astype(jnp.float32)
     f = self.sae.encode(x)
     new = _spliced(self.sae, f, x, self.edits, self.use_error_term)
@@ -200,6 +205,8 @@ class TranscoderOutput(base.SurgeryLayer):
         " missing or did not run first."
       )
     self.channel.value = None
+    if self.use_error_term and self.edits is None and self.features is None:
+      return value
     x_in = flatten_heads(self.sae.info.site, x_in).astype(jnp.float32)
     y = flatten_heads(self.site, value).astype(jnp.float32)
     f = self.sae.encode(x_in)
@@ -322,10 +329,11 @@ def splice_sae(
     raise errors.SAEError(f"positions={positions!r}; valid: {base.POSITIONS}.")
   info = sae.info
   prefix = f"sae/{info.source or info.name}"
+  suffix = next(_SPLICES)
   saver = None
   if capture_features:
     saver = SaveIntermediate(
-      saved=pz.StateVariable(value=None, label=f"{prefix}/features"),
+      saved=pz.StateVariable(value=None, label=f"{prefix}/features_{suffix}"),
       site="sae.features",
       layer=info.layer,
     )
@@ -339,7 +347,7 @@ def splice_sae(
     positions=positions,
   )
   if isinstance(sae, Transcoder):
-    channel = pz.StateVariable(value=None, label=f"{prefix}/transcoder_input")
+    channel = pz.StateVariable(value=None, label=f"{prefix}/input_{suffix}")
     model = sites.insert(
       model,
       info.site,
