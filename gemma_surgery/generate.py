@@ -223,7 +223,8 @@ def generate(
     prompt=np.where(ids == PAD_MARK, pad_id, ids).astype(np.int32),
     prompt_lengths=prompt_lengths,
     text=text,
-    captured=_captured(prepared, out),
+    # Without EOS every step runs: the filled length is known (no sync).
+    captured=_captured(prepared, out, None if eos_id is not None else needed),
   )
 
 
@@ -239,11 +240,17 @@ def _on_mesh(array: np.ndarray, names: tuple[str, ...], mesh: Mesh, rules) -> An
   return jax.device_put(array, NamedSharding(mesh, spec))
 
 
-def _captured(prepared: decoding.Prepared, out: dict[str, Any]) -> dict:
-  """Buffers trimmed to the filled slots; also stored in the capture layers."""
+def _captured(
+  prepared: decoding.Prepared, out: dict[str, Any], end: int | None
+) -> dict:
+  """Buffers trimmed to the filled slots (``end``, or read from ``out``).
+
+  The values are also stored in the model's capture layers.
+  """
   if not prepared.savers:
     return {}
-  end = int(out["cache_end"])
+  if end is None:
+    end = int(out["cache_end"])
   structure, captured = prepared.structure, {}
   for i, key, buf in zip(
     structure.saver_index, structure.saver_keys, out["captures"], strict=True
