@@ -149,9 +149,18 @@ class Prepared:
         values.append(var.freeze())
     if mesh is not None:
       values = [self._place(v) for v in values]
+    unbound_leaves = jax.tree_util.tree_leaves(unbound)
+    leaves = [_replicate(x, mesh) for x in unbound_leaves]
+    self._offsets, self._value_defs = [len(leaves)], []
+    for value in values:
+      value_leaves, value_def = jax.tree_util.tree_flatten(value)
+      self._value_defs.append(value_def)
+      leaves += value_leaves
+      self._offsets.append(len(leaves))
+    self.leaves = leaves
     labels = [v.label for v in self.variables]
     self.structure = Structure(
-      treedef=None,
+      treedef=jax.tree_util.tree_structure((unbound, tuple(values))),
       saver_index=tuple(saver_index),
       saver_keys=tuple(
         (saver_of[id(self.variables[i])].site, saver_of[id(self.variables[i])].layer)
@@ -162,18 +171,6 @@ class Prepared:
       mesh=mesh,
       rules=self.rules,
     )
-    unbound_leaves, _ = jax.tree_util.tree_flatten(unbound)
-    self._offsets = [len(unbound_leaves)]
-    self._value_defs = []
-    leaves = [_replicate(x, mesh) for x in unbound_leaves]
-    for value in values:
-      value_leaves, value_def = jax.tree_util.tree_flatten(value)
-      self._value_defs.append(value_def)
-      leaves += value_leaves
-      self._offsets.append(len(leaves))
-    self.leaves = leaves
-    treedef = jax.tree_util.tree_structure((unbound, tuple(values)))
-    self.structure = dataclasses.replace(self.structure, treedef=treedef)
     self._refresh = refresh
     self._sources = {i: self.variables[i].value for i in refresh}
 

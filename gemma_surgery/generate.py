@@ -135,8 +135,9 @@ def generate(
       ids, strings (needs ``tokenizer``; BOS is added), or a ``[batch, seq]``
       array / ``{batch, seq}`` NamedArray left-padded with ``pad_id``.
     max_new_tokens: Tokens to generate per row (>= 1).
-    temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / T).
-      Changing it (> 0), ``top_k`` or ``top_p`` never recompiles.
+    temperature: 0 = greedy (argmax; ``top_k``/``top_p`` are then ignored);
+      > 0 samples from softmax(logits / T). Changing it (> 0), ``top_k``,
+      ``top_p``, ``seed`` or ``eos_id`` never recompiles.
     top_k: Sample among the k most likely tokens (None: all).
     top_p: Nucleus sampling: sample among the smallest set of tokens whose
       probability sums to >= ``top_p`` (at least one token; None: all).
@@ -222,7 +223,8 @@ def generate(
     prompt=np.where(ids == PAD_MARK, pad_id, ids).astype(np.int32),
     prompt_lengths=prompt_lengths,
     text=text,
-    captured=_captured(prepared, out),
+    # Without EOS every step runs: the filled length is known (no sync).
+    captured=_captured(prepared, out, None if eos_id is not None else needed),
   )
 
 
@@ -238,16 +240,22 @@ def _on_mesh(array: np.ndarray, names: tuple[str, ...], mesh: Mesh, rules) -> An
   return jax.device_put(array, NamedSharding(mesh, spec))
 
 
-def _captured(prepared: decoding.Prepared, out: dict[str, Any]) -> dict:
-  """Buffers trimmed to the filled slots; also stored in the capture layers."""
+def _captured(
+  prepared: decoding.Prepared, out: dict[str, Any], end: int | None
+) -> dict:
+  """Buffers trimmed to the filled slots (``end``, or read from ``out``).
+
+  The values are also stored in the model's capture layers.
+  """
   if not prepared.savers:
     return {}
-  end = int(out["cache_end"])
-  by_key = {(s.site, s.layer): s for s in prepared.savers}
-  captured = {}
-  for key, buf in zip(prepared.structure.saver_keys, out["captures"], strict=True):
-    captured[key] = _trim_seq(buf, end)
-    by_key[key].saved.value = captured[key]
+  if end is None:
+    end = int(out["cache_end"])
+  structure, captured = prepared.structure, {}
+  for i, key, buf in zip(
+    structure.saver_index, structure.saver_keys, out["captures"], strict=True
+  ):
+    captured[key] = prepared.variables[i].value = _trim_seq(buf, end)
   return captured
 
 
