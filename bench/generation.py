@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import pathlib
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from configs import MID, TINY_FIXTURE
 from penzai import pz
 from penzai.models.transformer import sampling_mode, simple_decoding_loop
 from penzai.toolshed import jit_wrapper
@@ -44,24 +44,7 @@ import gemma_surgery as gs
 from gemma_surgery import decoding
 
 PROMPT, NEW = 16, 64
-FIXTURE = pathlib.Path(__file__).parents[1] / "tests" / "fixtures" / "hf" / "gemma2"
-MID = gs.GemmaConfig(
-  family="gemma2",
-  num_layers=8,
-  embedding_dim=512,
-  num_heads=8,
-  num_kv_heads=4,
-  head_dim=64,
-  mlp_hidden_dim=2048,
-  vocab_size=32_000,
-  attention_types=("local", "global") * 4,
-  sliding_window=256,
-  attn_logits_soft_cap=50.0,
-  final_logit_softcap=30.0,
-  query_pre_attn_scalar=64.0,
-  use_post_attn_norm=True,
-  use_post_ffw_norm=True,
-)
+FIXTURE = TINY_FIXTURE
 
 
 def median_time(fn, runs: int) -> float:

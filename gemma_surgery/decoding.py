@@ -41,7 +41,7 @@ from penzai.models.transformer import sampling_mode
 from gemma_surgery import sampling, sharding
 from gemma_surgery.generation_inputs import PAD_MARK
 from gemma_surgery.layers import buffer
-from gemma_surgery.layers.capture import SaveIntermediate
+from gemma_surgery.layers.capture import CaptureLayer, SaveIntermediate
 
 # Label prefix of the state variables the conversion creates (KV caches,
 # written tokens, cache index).
@@ -61,7 +61,8 @@ class Structure:
   Attributes:
     treedef: Tree structure of ``(unbound_model, variable_values)``.
     saver_index: Positions in ``variable_values`` of capture variables.
-    saver_keys: ``(site, layer)`` of each capture, in the same order.
+    saver_keys: ``(site, layer)`` of each `SaveIntermediate` capture, in the
+      same order (None for other capture layers, e.g. top-k).
     user_state_index: Positions of other (user) state variables.
     end_index: Position of the cache-end-index variable.
     mesh: Device mesh, or None.
@@ -70,7 +71,7 @@ class Structure:
 
   treedef: Any
   saver_index: tuple[int, ...]
-  saver_keys: tuple[tuple[str, int | None], ...]
+  saver_keys: tuple[tuple[str, int | None] | None, ...]
   user_state_index: tuple[int, ...]
   end_index: int
   mesh: Mesh | None = None
@@ -91,6 +92,11 @@ class Structure:
 
   def _key(self) -> tuple:
     return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+def _result_key(layer: CaptureLayer) -> tuple[str, int | None] | None:
+  """Key of a capture in `GenerationResult.captures` (None: not listed)."""
+  return (layer.site, layer.layer) if isinstance(layer, SaveIntermediate) else None
 
 
 def _replicate(leaf: Any, mesh: Mesh | None) -> Any:
@@ -130,7 +136,7 @@ class Prepared:
       variable_name_prefix=_PREFIX,
     )
     unbound, self.variables = pz.unbind_variables(cached)
-    savers = pz.select(model).at_instances_of(SaveIntermediate).get_sequence()
+    savers = pz.select(model).at_instances_of(CaptureLayer).get_sequence()
     saver_of = {id(s.saved): s for s in savers}
     self.savers = savers
     values, refresh, saver_index, user_index = [], [], [], []
@@ -163,8 +169,7 @@ class Prepared:
       treedef=jax.tree_util.tree_structure((unbound, tuple(values))),
       saver_index=tuple(saver_index),
       saver_keys=tuple(
-        (saver_of[id(self.variables[i])].site, saver_of[id(self.variables[i])].layer)
-        for i in saver_index
+        _result_key(saver_of[id(self.variables[i])]) for i in saver_index
       ),
       user_state_index=tuple(user_index),
       end_index=labels.index(f"{_PREFIX}/cache_end_index"),
@@ -311,8 +316,11 @@ def decode(
 
   logits, values = run(unbound, values, prompt)
   for i in structure.saver_index:
-    buf = buffer.new_buffer(values[i].value, unbound.cache_len)
-    values[i] = dataclasses.replace(values[i], value=_constrain(buf, structure))
+    buf = buffer.new_buffers(values[i].value, unbound.cache_len)
+    buf = jax.tree_util.tree_map(
+      lambda b: _constrain(b, structure), buf, is_leaf=buffer.is_named
+    )
+    values[i] = dataclasses.replace(values[i], value=buf)
   decoding = buffer.to_buffers(unbound)
 
   first, rng = choose(logits[{"seq": -1}], rng)

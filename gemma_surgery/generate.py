@@ -41,6 +41,7 @@ from gemma_surgery.generation_inputs import (
   mark_left_padding,
   prompt_array,
 )
+from gemma_surgery.layers import buffer
 from gemma_surgery.layers.capture import SaveIntermediate
 from gemma_surgery.surgery import Captures
 from gemma_surgery.tokenizer import as_tokenizer
@@ -255,7 +256,12 @@ def _captured(
   for i, key, buf in zip(
     structure.saver_index, structure.saver_keys, out["captures"], strict=True
   ):
-    captured[key] = prepared.variables[i].value = _trim_seq(buf, end)
+    trimmed = jax.tree_util.tree_map(
+      lambda b: _trim_seq(b, end), buf, is_leaf=buffer.is_named
+    )
+    prepared.variables[i].value = trimmed
+    if key is not None:
+      captured[key] = trimmed
   return captured
 
 

@@ -20,7 +20,7 @@ import jax
 from penzai import pz
 
 from gemma_surgery import build
-from gemma_surgery.layers.capture import SaveIntermediate
+from gemma_surgery.layers.capture import CaptureLayer
 
 
 @jax.jit
@@ -37,9 +37,10 @@ class JittedForward:
     unbound, self._variables = pz.unbind_state_vars(model)
     self._unbound = pz.freeze_params(unbound)
     self._vocab = model.metadata.vocab_size
-    # Capture variables are write-only: feeding them in as None keeps the
-    # input structure fixed, so the first and later calls share one compile.
-    write_only = pz.select(model).at_instances_of(SaveIntermediate).get_sequence()
+    # Capture variables (SaveIntermediate, TopKCapture, SAE feature captures)
+    # are write-only: feeding them in as None keeps the input structure
+    # fixed, so the first and later calls share one compile.
+    write_only = pz.select(model).at_instances_of(CaptureLayer).get_sequence()
     self._write_only = {id(s.saved) for s in write_only}
 
   def __call__(self, tokens: pz.nx.NamedArray, **side_inputs) -> Any:

@@ -323,6 +323,21 @@ def test_topk_capture_equals_lax_top_k_of_full_capture(site, axis, k):
     np.testing.assert_array_equal(indices.unwrap(*rest, "top_k"), ref_i)
 
 
+def test_topk_capture_records_every_step_of_fused_generation():
+  """Top-k buffers in the fused loop equal top-k of the full generation capture."""
+  model, tokens = _model("gemma2"), _tokens(3, batch=2, seq=6)
+  full, _ = gs.capture(model, "mlp.hidden", [1])
+  both, top = iv.capture_topk(full, "mlp.hidden", [1], 4)
+  out = gs.generate(both, tokens, max_new_tokens=5)
+  hidden = out.captures["mlp.hidden", 1]
+  assert hidden.named_shape["seq"] == 6 + 5
+  values, indices = top["mlp.hidden", 1]
+  ref_v, ref_i = jax.lax.top_k(hidden.unwrap("batch", "seq", "neurons"), 4)
+  np.testing.assert_array_equal(values.unwrap("batch", "seq", "top_k"), ref_v)
+  np.testing.assert_array_equal(indices.unwrap("batch", "seq", "top_k"), ref_i)
+  assert ("mlp.hidden", 1) in out.captures and len(out.captures.keys()) == 1
+
+
 # --- Bad inputs ------------------------------------------------------------------
 
 

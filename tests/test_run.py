@@ -31,6 +31,20 @@ def test_jit_forward_matches_eager_and_fills_captures():
   assert acts.stacked("resid_post").named_shape["layer"] == 6
 
 
+def test_jit_forward_with_topk_captures_compiles_once():
+  lm = gs.load(HF_FIXTURES / "gemma2", dtype="float32", progress=False)
+  patched, top = gs.interventions.capture_topk(lm.model, "mlp.hidden", 0, k=3)
+  tokens = pz.nx.wrap(jnp.asarray(np.arange(2, 12)[None], jnp.int32)).tag(
+    "batch", "seq"
+  )
+  forward = gs.jit_forward(patched)
+  before = run._call._cache_size()
+  for _ in range(3):
+    forward(tokens)
+  assert run._call._cache_size() - before == 1, "top-k captures must not recompile"
+  assert top["mlp.hidden", 0][0].named_shape == {"batch": 1, "seq": 10, "top_k": 3}
+
+
 def test_jit_forward_rejects_out_of_vocabulary_ids():
   lm = gs.load(HF_FIXTURES / "gemma3", dtype="float32", progress=False)
   forward = gs.jit_forward(lm.model)

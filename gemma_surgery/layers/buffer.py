@@ -4,15 +4,17 @@ A `SaveIntermediate` keeps only the last call's value, whose ``seq`` length
 changes between the prompt (``seq = prompt length``) and each decoding step
 (``seq = 1``); a value that changes shape cannot be carried through
 ``lax.while_loop``. The fused generation loop therefore swaps every
-`SaveIntermediate` for a `CaptureBuffer` holding a fixed-shape buffer
-``{batch, seq: cache_len, ...site axes}`` and writes each call's value at the
-``cache_end_index`` side input along ``seq`` — the same way Penzai writes its
-KV caches. The buffer reuses the saver's state variable (same label), so the
-swap only changes the layer, never the state's structure.
+`CaptureLayer` (`SaveIntermediate`, `TopKCapture`) for a `CaptureBuffer`
+holding fixed-shape buffers ``{batch, seq: cache_len, ...}`` and writes each
+call's value at the ``cache_end_index`` side input along ``seq`` — the same
+way Penzai writes its KV caches. The buffer reuses the capture's state
+variable (same label), so the swap only changes the layer, never the state's
+structure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -21,7 +23,7 @@ from penzai import pz
 
 from gemma_surgery import errors
 from gemma_surgery.layers import base
-from gemma_surgery.layers.capture import SaveIntermediate
+from gemma_surgery.layers.capture import CaptureLayer
 
 
 @pz.pytree_dataclass
@@ -32,27 +34,37 @@ class CaptureBuffer(base.SurgeryLayer):
   this call's first token, provided by Penzai's ``KVCachingTransformerLM``).
 
   Attributes:
-    buffer: State variable holding a NamedArray ``{batch…, seq: cache_len,
-      ...site axes}`` in the user-facing layout (one ``heads`` axis; at
-      ``attn.scores``/``attn.pattern`` ``kv_seq`` is ``cache_len``).
-    site: The site name (static).
-    layer: The layer index, or None for global sites (static).
+    buffer: State variable holding what ``source`` captures with ``seq`` of
+      length ``cache_len``: for a `SaveIntermediate` a NamedArray ``{batch…,
+      seq: cache_len, ...site axes}`` in the user-facing layout (one
+      ``heads`` axis; at ``attn.scores``/``attn.pattern`` ``kv_seq`` is
+      ``cache_len``), for a `TopKCapture` a (values, indices) pair.
+    source: The capture layer replaced (its ``saved`` field set to None); its
+      `CaptureLayer.captured` computes each call's value.
   """
 
   buffer: pz.StateVariable
-  site: str = base.static_field()
-  layer: int | None = base.static_field(None)
+  source: CaptureLayer
+
+  @property
+  def site(self) -> str:
+    return self.source.site
+
+  @property
+  def layer(self) -> int | None:
+    return self.source.layer
 
   def __call__(self, value: Any, /, **side_inputs) -> Any:
     if "cache_end_index" not in side_inputs:
       raise errors.SurgeryError(
         "CaptureBuffer needs the cache_end_index side input (KV-cached mode)."
       )
-    self.buffer.value = write_at(
+    start = side_inputs["cache_end_index"]
+    self.buffer.value = jax.tree_util.tree_map(
+      lambda buf, new: write_at(buf, new, start, where=self.site),
       self.buffer.value,
-      base.user_view(self.site, value),
-      side_inputs["cache_end_index"],
-      where=self.site,
+      self.source.captured(value),
+      is_leaf=is_named,
     )
     return value
 
@@ -92,6 +104,17 @@ def write_at(
   return pz.nx.wrap(jax.lax.dynamic_update_slice(data, update, index)).tag(*names)
 
 
+def is_named(x: Any) -> bool:
+  return isinstance(x, pz.nx.NamedArray)
+
+
+def new_buffers(value: Any, length: int) -> Any:
+  """`new_buffer` for every NamedArray in the pytree ``value``."""
+  return jax.tree_util.tree_map(
+    lambda v: new_buffer(v, length), value, is_leaf=is_named
+  )
+
+
 def new_buffer(value: pz.nx.NamedArray, length: int) -> pz.nx.NamedArray:
   """A zero buffer like ``value`` but with ``seq`` of size ``length``.
 
@@ -110,14 +133,16 @@ def new_buffer(value: pz.nx.NamedArray, length: int) -> pz.nx.NamedArray:
 
 
 def to_buffers(tree: Any) -> Any:
-  """Replaces every `SaveIntermediate` with a `CaptureBuffer` on its variable.
+  """Replaces every `CaptureLayer` with a `CaptureBuffer` on its variable.
 
   Works on bound trees and on unbound ones (where ``saved`` is a slot): the
-  buffer takes over the saver's variable, so binding the same state values
+  buffer takes over the capture's variable, so binding the same state values
   works for both.
   """
   return (
     pz.select(tree)
-    .at_instances_of(SaveIntermediate)
-    .apply(lambda s: CaptureBuffer(buffer=s.saved, site=s.site, layer=s.layer))
+    .at_instances_of(CaptureLayer)
+    .apply(
+      lambda s: CaptureBuffer(buffer=s.saved, source=dataclasses.replace(s, saved=None))
+    )
   )

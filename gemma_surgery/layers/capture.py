@@ -11,8 +11,33 @@ from gemma_surgery import errors
 from gemma_surgery.layers import base
 
 
+class CaptureLayer(base.SurgeryLayer):
+  """Base of layers that store a value computed from the activation.
+
+  Subclasses are ``@pz.pytree_dataclass`` layers with a ``saved:
+  pz.StateVariable`` field and static ``site``/``layer`` fields, and define
+  `captured`. The stored value is write-only state: compiled forwards
+  (`gemma_surgery.jit_forward`) feed it in as None, and the fused generation
+  loop swaps the layer for a fixed-shape `CaptureBuffer` that records every
+  step (so the value must be a NamedArray, or a tuple of them, with a ``seq``
+  axis).
+  """
+
+  saved: pz.StateVariable
+  site: str
+  layer: int | None
+
+  def captured(self, value: pz.nx.NamedArray) -> Any:
+    """The value to store for the activation ``value`` (a pure function)."""
+    raise NotImplementedError
+
+  def __call__(self, value: Any, /, **side_inputs) -> Any:
+    self.saved.value = self.captured(value)
+    return value
+
+
 @pz.pytree_dataclass
-class SaveIntermediate(base.SurgeryLayer):
+class SaveIntermediate(CaptureLayer):
   """Stores the activation passing through it in a `pz.StateVariable`.
 
   The stored value uses the user-facing axes (one ``heads`` axis at attention
@@ -30,9 +55,8 @@ class SaveIntermediate(base.SurgeryLayer):
   site: str = base.static_field()
   layer: int | None = base.static_field(None)
 
-  def __call__(self, value: Any, /, **side_inputs) -> Any:
-    self.saved.value = base.user_view(self.site, value)
-    return value
+  def captured(self, value: pz.nx.NamedArray) -> pz.nx.NamedArray:
+    return base.user_view(self.site, value)
 
   @classmethod
   def fresh(cls, site: str, layer: int | None) -> SaveIntermediate:

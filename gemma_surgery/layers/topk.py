@@ -13,12 +13,13 @@ from penzai import pz
 
 from gemma_surgery import errors
 from gemma_surgery.layers import base
+from gemma_surgery.layers.capture import CaptureLayer
 
 TOPK_AXIS = "top_k"
 
 
 @pz.pytree_dataclass
-class TopKCapture(base.SurgeryLayer):
+class TopKCapture(CaptureLayer):
   """Stores the top-k values and indices of the activation along ``axis``.
 
   The stored pair uses user-facing axes, with ``axis`` replaced by ``top_k``
@@ -39,7 +40,7 @@ class TopKCapture(base.SurgeryLayer):
   site: str = base.static_field("mlp.hidden")
   layer: int | None = base.static_field(None)
 
-  def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> Any:
+  def captured(self, x: pz.nx.NamedArray) -> Any:
     view = base.user_view(self.site, x)
     size = view.named_shape[self.axis]
     if self.k > size:
@@ -47,8 +48,7 @@ class TopKCapture(base.SurgeryLayer):
         f"k={self.k} exceeds the {self.axis} size {size} at {self.site}."
       )
     values, indices = pz.nx.nmap(jax.lax.top_k)(view.untag(self.axis), self.k)
-    self.saved.value = (values.tag(TOPK_AXIS), indices.tag(TOPK_AXIS))
-    return x
+    return values.tag(TOPK_AXIS), indices.tag(TOPK_AXIS)
 
   @classmethod
   def fresh(cls, site: str, layer: int | None, k: int, axis: str) -> TopKCapture:
