@@ -40,7 +40,7 @@ from penzai.models.transformer import sampling_mode
 
 from gemma_surgery import sampling, sharding
 from gemma_surgery.generation_inputs import PAD_MARK
-from gemma_surgery.layers import buffer
+from gemma_surgery.layers import base, buffer
 from gemma_surgery.layers.capture import CaptureLayer, SaveIntermediate
 
 # Label prefix of the state variables the conversion creates (KV caches,
@@ -206,7 +206,7 @@ class Prepared:
   def write_back(self, user_values: list[Any]) -> None:
     """Stores final values of the model's own (non-capture) state variables."""
     for i, value in zip(self.structure.user_state_index, user_values, strict=True):
-      self.variables[i].value = value.value
+      base.store(self.variables[i], value.value)
       self._sources[i] = value.value
 
 

@@ -41,7 +41,7 @@ from gemma_surgery.generation_inputs import (
   mark_left_padding,
   prompt_array,
 )
-from gemma_surgery.layers import buffer
+from gemma_surgery.layers import base, buffer
 from gemma_surgery.layers.capture import SaveIntermediate
 from gemma_surgery.surgery import Captures
 from gemma_surgery.tokenizer import as_tokenizer
@@ -259,7 +259,7 @@ def _captured(
     trimmed = jax.tree_util.tree_map(
       lambda b: _trim_seq(b, end), buf, is_leaf=buffer.is_named
     )
-    prepared.variables[i].value = trimmed
+    base.store(prepared.variables[i], trimmed)
     if key is not None:
       captured[key] = trimmed
   return captured

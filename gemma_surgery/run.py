@@ -20,6 +20,7 @@ import jax
 from penzai import pz
 
 from gemma_surgery import build
+from gemma_surgery.layers import base
 from gemma_surgery.layers.capture import CaptureLayer
 
 
@@ -54,7 +55,7 @@ class JittedForward:
     ]
     out, new_state = _call(self._unbound, state, tokens, side_inputs)
     for variable, value in zip(self._variables, new_state, strict=True):
-      variable.value = value.value
+      base.store(variable, value.value)
     return out
 
 

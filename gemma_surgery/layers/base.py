@@ -16,7 +16,9 @@ Side inputs read by position-aware layers:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 from penzai import pz
 
@@ -100,3 +102,19 @@ def static_field(default=dataclasses.MISSING):
   if default is dataclasses.MISSING:
     return dataclasses.field(metadata={"pytree_node": False})
   return dataclasses.field(default=default, metadata={"pytree_node": False})
+
+
+def store(variable: pz.StateVariable, value: Any) -> None:
+  """Sets ``variable.value`` to a pytree of arrays a jitted call returned.
+
+  Penzai's setter maps ``jnp.asarray`` over the value, which costs ~0.1 ms
+  per leaf even for JAX arrays — noticeable when a fused generation writes
+  back many captures. Values that are already JAX arrays (or None) are
+  stored as they are (same result, penzai 0.2.5's ``_raw_value`` slot);
+  anything else goes through the setter.
+  """
+  leaves = jax.tree_util.tree_leaves(value)
+  if all(isinstance(leaf, jax.Array) for leaf in leaves):
+    variable._raw_value = value  # noqa: SLF001 - see docstring
+  else:
+    variable.value = value
