@@ -40,7 +40,11 @@ CAPTURED_SITES = ["resid_post", "attn.pattern", "attn.k", "mlp.hidden"]
 
 
 def richly_patched(base, scale, positions="generated"):
-  """Steering at resid_post[1], a one-head edit at attn.z[2], captures."""
+  """Steering, a one-head edit, a head knockout and captures.
+
+  Steering at resid_post[1], an edit of head 1 at attn.z[2], head 2 of the
+  last layer knocked out, captures of `CAPTURED_SITES` at layers 1 and -1.
+  """
   rng = np.random.default_rng(0)
   vector = pz.nx.wrap(jnp.asarray(rng.standard_normal(64), jnp.float32))
   head = np.zeros((4, 16), np.float32)
@@ -51,6 +55,7 @@ def richly_patched(base, scale, positions="generated"):
   model = gs.steer(
     model, "attn.z", 2, pz.nx.wrap(jnp.asarray(head)).tag("heads", "projection")
   )
+  model = gs.interventions.knock_out_heads(model, [-1], [2])
   return gs.capture(model, [*CAPTURED_SITES, "logits"], [1, -1])
 
 
