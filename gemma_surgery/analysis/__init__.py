@@ -1,0 +1,69 @@
+"""Analyses: pure functions over models and activations (named axes in, numpy out).
+
+* `logit_lens`: premature decoding of the residual stream after the embedding
+  and every sublayer, with the change each sublayer made.
+* `neurons`: top-k MLP neurons per token, neuron → token projections,
+  deactivate/boost comparisons.
+* `attention`: patterns, head detector scores (previous-token,
+  duplicate-token, induction), induction on repeated random sequences, head
+  knockout losses.
+* `patching`: activation patching sweeps (layers × positions or heads), all
+  patches of a sweep batched into a few jitted calls.
+"""
+
+from gemma_surgery.analysis import attention, inputs, neurons, patching
+from gemma_surgery.analysis.attention import (
+  InductionResult,
+  attention_patterns,
+  duplicate_token_scores,
+  induction_scores,
+  induction_token_scores,
+  knockout_losses,
+  mask_bos,
+  previous_token_scores,
+  repeated_tokens,
+  token_losses,
+)
+from gemma_surgery.analysis.logit_lens import LogitLens, logit_lens
+from gemma_surgery.analysis.neurons import (
+  NeuronTokens,
+  TopNeurons,
+  compare_neuron_edits,
+  neuron_tokens,
+  top_neurons,
+)
+from gemma_surgery.analysis.patching import (
+  PatchingResult,
+  logit_difference,
+  patching_sweep,
+)
+from gemma_surgery.analysis.readout import readout_head, top_tokens
+
+__all__ = [
+  "InductionResult",
+  "LogitLens",
+  "NeuronTokens",
+  "PatchingResult",
+  "TopNeurons",
+  "attention",
+  "attention_patterns",
+  "compare_neuron_edits",
+  "duplicate_token_scores",
+  "induction_scores",
+  "induction_token_scores",
+  "inputs",
+  "knockout_losses",
+  "logit_difference",
+  "logit_lens",
+  "mask_bos",
+  "neuron_tokens",
+  "neurons",
+  "patching",
+  "patching_sweep",
+  "previous_token_scores",
+  "readout_head",
+  "repeated_tokens",
+  "token_losses",
+  "top_neurons",
+  "top_tokens",
+]

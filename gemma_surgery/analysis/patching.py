@@ -1,0 +1,211 @@
+"""Activation patching sweeps, batched: every patch of a sweep in a few calls.
+
+A sweep runs the corrupted prompt with one piece of the clean run's
+activation patched in — one ``(layer, position)`` or ``(layer, head)`` at a
+time — and records a metric of the output. Instead of one forward per patch,
+the patches of a sweep lie along the ``batch`` axis: at every layer a `Patch`
+layer holds the clean activation and a ``{batch, seq}`` (or ``{batch,
+heads}``) mask that is on only in the batch rows assigned to that layer, so a
+chunk of patches is one jitted forward. Chunks have a fixed size, so the
+whole sweep compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import tqdm.auto as tqdm
+from penzai import pz
+
+from gemma_surgery import errors, sites
+from gemma_surgery.analysis.inputs import (
+  call_model,
+  named_tokens,
+  run_frozen,
+  token_batch,
+)
+from gemma_surgery.layers.ablate import Patch
+from gemma_surgery.run import jit_forward
+from gemma_surgery.surgery import capture
+
+Metric = Callable[[pz.nx.NamedArray], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitDifference:
+  """Metric ``logit[correct] − logit[wrong]`` at ``position``, per batch row.
+
+  A frozen dataclass: equal arguments compare equal, so sweeps with the same
+  metric share compilations.
+  """
+
+  correct: int
+  wrong: int
+  position: int = -1
+
+  def __call__(self, logits: pz.nx.NamedArray) -> Any:
+    at = logits[{"seq": self.position}].unwrap("batch", "vocabulary")
+    return at[:, self.correct] - at[:, self.wrong]
+
+
+def logit_difference(correct: int, wrong: int, position: int = -1) -> LogitDifference:
+  """`LogitDifference` of two token ids at ``position`` (default: the last)."""
+  return LogitDifference(int(correct), int(wrong), int(position))
+
+
+@dataclasses.dataclass(frozen=True)
+class _MetricOfModel:
+  """``metric(model(tokens))``; hashable by value for `run_frozen`."""
+
+  metric: Metric
+
+  def __call__(self, model: Any, tokens: Any) -> Any:
+    return self.metric(call_model(model, tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingResult:
+  """Metric of the corrupted run with each clean piece patched in.
+
+  Attributes:
+    site: The patched site.
+    by: ``"position"`` or ``"head"``.
+    layers: Row labels: the layers swept.
+    scores: ``[layer, position]`` or ``[layer, head]`` raw metric values.
+    clean: Metric of the clean run.
+    corrupted: Metric of the corrupted run.
+  """
+
+  site: str
+  by: str
+  layers: list[int]
+  scores: np.ndarray
+  clean: float
+  corrupted: float
+
+  @property
+  def normalized(self) -> np.ndarray:
+    """``(score − corrupted) / (clean − corrupted)``: 1 = fully restored."""
+    span = self.clean - self.corrupted
+    if span == 0:
+      raise errors.InputError(
+        "Clean and corrupted metrics are equal: nothing to restore."
+      )
+    return (self.scores - self.corrupted) / span
+
+
+def _metric(model: Any, metric: Metric, ids: np.ndarray) -> float:
+  return float(
+    np.asarray(run_frozen(model, _MetricOfModel(metric), named_tokens(ids)))[0]
+  )
+
+
+def patching_sweep(
+  model: Any,
+  clean: Any,
+  corrupted: Any,
+  metric: Metric,
+  *,
+  site: str = "resid_post",
+  by: str = "position",
+  layers: Any = None,
+  chunk_size: int = 64,
+  tokenizer: Any = None,
+  progress: bool = True,
+) -> PatchingResult:
+  """Patches the clean activation into the corrupted run, piece by piece.
+
+  Args:
+    model: A Penzai ``TransformerLM`` without captures.
+    clean: One clean prompt (a string with ``tokenizer``, ids, …).
+    corrupted: One corrupted prompt of the same length.
+    metric: Maps logits ``{batch, seq, vocabulary}`` to a ``[batch]`` array
+      inside ``jit`` (e.g. `logit_difference`); pass the same object again to
+      reuse compilations.
+    site: Any per-layer site, e.g. ``resid_pre``/``resid_post``,
+      ``attn.out``, ``mlp.out``, or ``attn.z`` for heads.
+    by: ``"position"`` (one patch per layer × position, all of the site's
+      other axes) or ``"head"`` (one per layer × head, all positions; head
+      sites only).
+    layers: Layers to sweep (default all).
+    chunk_size: Patches per jitted forward (memory vs calls).
+    tokenizer: Needed for string prompts.
+    progress: Show a progress bar over chunks.
+
+  Returns:
+    A `PatchingResult`.
+
+  Raises:
+    InputError: Prompts of different shapes or batch sizes other than 1.
+    SiteError: Unknown site, bad layers, ``by="head"`` at a site without heads.
+  """
+  info = sites.site_info(site)
+  if not info.per_layer:
+    raise errors.SiteError(f"Sweeps need a per-layer site; {site!r} is global.")
+  if by not in ("position", "head"):
+    raise errors.InputError(f"by={by!r}; valid: 'position', 'head'.")
+  if by == "head" and "heads" not in info.axes:
+    raise errors.SiteError(
+      f"by='head' needs a head site ({sorted(sites.HEAD_SITES)}); got {site!r}."
+    )
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise errors.InputError(f"chunk_size={chunk_size!r} must be a positive int.")
+  clean_ids = token_batch(model, clean, tokenizer)
+  bad_ids = token_batch(model, corrupted, tokenizer)
+  if clean_ids.shape != bad_ids.shape or clean_ids.shape[0] != 1:
+    raise errors.InputError(
+      f"Clean and corrupted must be one prompt each of the same length; got"
+      f" shapes {clean_ids.shape} and {bad_ids.shape}."
+    )
+  chosen = sites.layer_indices(model, layers)
+  patched, acts = capture(model, site, chosen)
+  jit_forward(patched)(named_tokens(clean_ids))
+  values = {layer: acts[site, layer][{"batch": 0}] for layer in chosen}
+  seq = clean_ids.shape[1]
+  width = seq if by == "position" else next(iter(values.values())).named_shape["heads"]
+  items = [(row, col) for row in range(len(chosen)) for col in range(width)]
+  scores = np.zeros(len(items))
+  starts = range(0, len(items), chunk_size)
+  for start in tqdm.tqdm(starts, desc=f"patching {site}", disable=not progress):
+    part = items[start : start + chunk_size]
+    model_chunk = _patched(model, site, chosen, values, part, chunk_size, by, width)
+    tokens = np.repeat(bad_ids, chunk_size, axis=0)
+    out = run_frozen(model_chunk, _MetricOfModel(metric), named_tokens(tokens))
+    scores[start : start + len(part)] = np.asarray(out)[: len(part)]
+  return PatchingResult(
+    site=site,
+    by=by,
+    layers=chosen,
+    scores=scores.reshape(len(chosen), width),
+    clean=_metric(model, metric, clean_ids),
+    corrupted=_metric(model, metric, bad_ids),
+  )
+
+
+def _patched(
+  model: Any,
+  site: str,
+  layers: list[int],
+  values: dict[int, pz.nx.NamedArray],
+  items: list[tuple[int, int]],
+  size: int,
+  by: str,
+  width: int,
+) -> Any:
+  """``model`` with one `Patch` per layer whose mask selects its batch rows."""
+  masks = np.zeros((len(layers), size, width), bool)
+  for b, (row, col) in enumerate(items):
+    masks[row, b, col] = True
+  axis = "seq" if by == "position" else "heads"
+
+  def make(layer: int) -> Patch:
+    mask = pz.nx.wrap(jnp.asarray(masks[layers.index(layer)])).tag("batch", axis)
+    if by == "position":
+      return Patch(value=values[layer], position_mask=mask, site=site)
+    return Patch(value=values[layer], head_mask=mask, site=site)
+
+  return sites.insert(model, site, layers, make)
