@@ -3,7 +3,7 @@
 The curated public API. Everything here is documented in the README.
 """
 
-from gemma_surgery import errors, heads, interventions, sae, sharding, sites
+from gemma_surgery import errors, heads, interventions, sae, sharding, sites, viz
 from gemma_surgery.build import GemmaTransformerLM, build_model
 from gemma_surgery.config import GemmaConfig, preset, preset_names
 from gemma_surgery.errors import (
@@ -71,4 +71,5 @@ __all__ = [
   "preset_names",
   "shard_model",
   "sharding",
+  "viz",
 ]
