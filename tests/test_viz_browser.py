@@ -173,6 +173,8 @@ def test_hover_shows_a_tooltip_with_the_top_tokens(page):
 
 
 def test_treescope_rendering_loads(page):
+  # Treescope renders lazily, once its container scrolls into view.
+  page.eval("document.querySelector('.gsv-treescope').scrollIntoView()")
   page.wait_for(
     "(() => { const c = document.querySelector('.gsv-treescope treescope-container');"
     " return c && c.shadowRoot && c.shadowRoot.textContent.includes('weights'); })()"
