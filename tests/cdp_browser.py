@@ -3,11 +3,13 @@
 Chromium started with `--remote-debugging-pipe` reads DevTools protocol
 commands (JSON, each ending in a NUL byte) from file descriptor 3 and writes
 replies and events to descriptor 4. That needs no websocket library, no
-driver binary and no network port. Only what the tests use is implemented.
+driver binary and no network port. bash wires the pipe ends onto fds 3 and 4
+before exec'ing Chromium. Only what the tests use is implemented.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -32,6 +34,12 @@ def find_chromium() -> str | None:
   return None
 
 
+def _move_above_9(fd: int) -> int:
+  high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+  os.close(fd)
+  return high
+
+
 class BrowserError(RuntimeError):
   pass
 
@@ -44,13 +52,18 @@ class Browser:
     self._profile = tempfile.TemporaryDirectory(prefix="gsv-chromium-")
     to_chrome_r, self._to_chrome = os.pipe()
     self._from_chrome, from_chrome_w = os.pipe()
+    # The child's ends move to fds >= 10, so mapping them onto 3 and 4 below
+    # cannot clobber one with the other.
+    to_chrome_r = _move_above_9(to_chrome_r)
+    from_chrome_w = _move_above_9(from_chrome_w)
 
-    def wire_fds():  # runs in the child: its fd 3 reads commands, fd 4 writes replies
-      a, b = os.dup(to_chrome_r), os.dup(from_chrome_w)
-      os.dup2(a, 3)
-      os.dup2(b, 4)
-
+    # bash maps our pipe ends to Chromium's fds 3 (commands) and 4 (replies)
+    # and execs it: no Python runs between fork and exec (JAX is threaded).
+    wire = f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}'
     args = [
+      shutil.which("bash") or "/bin/bash",
+      "-c",
+      wire,
       executable,
       "--headless",
       "--no-sandbox",  # CI runs as root
@@ -67,8 +80,7 @@ class Browser:
     ]
     self._proc = subprocess.Popen(
       args,
-      preexec_fn=wire_fds,
-      close_fds=False,
+      pass_fds=(to_chrome_r, from_chrome_w),
       stdin=subprocess.DEVNULL,
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,

@@ -91,7 +91,12 @@ def test_attention_view_embeds_the_pattern_and_escapes_tokens():
   assert "␣cat" in text and "↵" in text and "∅" in text and SHOWN in text
   data = _embedded_json(page)
   assert data["tokens"] == [viz.display_token(t) for t in TOKENS]
-  got = np.asarray(data["p"], dtype=np.float64).reshape(2, 3, T, T) / data["q"]
+  assert data["tri"]  # causal: only the lower triangle is embedded
+  lower = np.tril(np.ones((T, T), bool))
+  got = np.zeros_like(p)
+  got[..., lower] = (
+    np.asarray(data["p"], dtype=np.float64).reshape(2, 3, -1) / data["q"]
+  )
   np.testing.assert_allclose(got, p, atol=0.5 / attention_mod.QUANT + 1e-12)
   assert data["init"] == {
     "layer": 1,
@@ -111,7 +116,17 @@ def test_attention_view_takes_named_arrays():
   p = _pattern(L=1, H=2)
   named = pz.nx.wrap(p[:, None]).tag("layer", "batch", "heads", "seq", "kv_seq")
   page = viz.attention_view(TOKENS, named).to_html()
-  got = np.asarray(_embedded_json(page)["p"]).reshape(1, 2, T, T) / attention_mod.QUANT
+  full = np.ones((1, 1, T, T)) / T  # not causal: embedded whole
+  data = _embedded_json(viz.attention_view(TOKENS, full).to_html())
+  assert not data["tri"]
+  np.testing.assert_allclose(
+    np.asarray(data["p"]).reshape(1, 1, T, T) / data["q"], full, atol=1e-3
+  )
+  data = _embedded_json(page)
+  got = np.zeros_like(p)
+  got[..., np.tril(np.ones((T, T), bool))] = (
+    np.reshape(data["p"], (1, 2, -1)) / data["q"]
+  )
   np.testing.assert_allclose(got, p, atol=1e-3)
   single_layer = viz.attention_view(TOKENS, p[0]).to_html()  # [heads, seq, kv_seq]
   assert _embedded_json(single_layer)["L"] == 1

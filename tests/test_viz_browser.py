@@ -33,6 +33,7 @@ def _pattern() -> np.ndarray:
 
 
 PATTERN = _pattern()
+FULL = np.random.default_rng(2).dirichlet(np.ones(T), size=(1, 2, T))  # not causal
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,7 @@ def page(tmp_path_factory):
     )
     .add(viz.attention_view(TOKENS, PATTERN, layer=0, head=0, token=T - 1))
     .add(viz.heatmap(rng.normal(size=(L, T)), col_labels=TOKENS))
+    .add(viz.attention_view(TOKENS, FULL, title="bidirectional"))
     .add(
       viz.feature_strip(
         TOKENS, rng.integers(0, 100, (T, 3)), rng.uniform(0.5, 2, (T, 3))
@@ -77,7 +79,8 @@ def page(tmp_path_factory):
 
 def _colours(page) -> list[str]:
   return page.eval(
-    "Array.from(document.querySelectorAll('.gsv-attention .gsv-strip .gsv-tok'))"
+    "Array.from(document.querySelector('.gsv-attention')"
+    ".querySelectorAll('.gsv-strip .gsv-tok'))"
     ".map(e => getComputedStyle(e).backgroundColor)"
   )
 
@@ -97,7 +100,8 @@ def test_no_console_errors_and_nothing_fetched(page):
 def test_token_text_is_not_executed(page):
   assert page.eval("window.__pwned === undefined")
   texts = page.eval(
-    "Array.from(document.querySelectorAll('.gsv-attention .gsv-strip .gsv-tok'))"
+    "Array.from(document.querySelector('.gsv-attention')"
+    ".querySelectorAll('.gsv-strip .gsv-tok'))"
     ".map(e => e.textContent)"
   )
   assert texts[6] == viz.display_token(EVIL)
@@ -194,3 +198,15 @@ def test_the_driver_sees_console_errors_and_exceptions(page, tmp_path):
   assert any("boom" in p for p in problems)
   assert any("undefinedFunction" in p for p in problems)
   assert any(u.startswith("https:") for u in other.requested_urls())
+
+
+def test_a_non_causal_pattern_is_decoded_whole(page):
+  colours = page.eval(
+    "(() => { const v = document.querySelectorAll('.gsv-attention')[1];"
+    " v.querySelector('.gsv-tok[data-i=\"0\"]').click();"
+    " return Array.from(v.querySelectorAll('.gsv-strip .gsv-tok'))"
+    ".map(e => getComputedStyle(e).backgroundColor); })()"
+  )
+  avg = FULL[0, :, 0].mean(0)
+  assert colours.index(_darkest(_colors.COOL[-1][1])) == int(np.argmax(avg))
+  assert colours[int(np.argmin(avg))] != "rgb(255, 255, 255)" or avg.min() < 1e-3

@@ -36,8 +36,9 @@ def attention_view(
   largest visible weight; hovering shows the exact weight. Masking BOS zeroes
   attention to position 0 and renormalizes every query's weights.
 
-  Weights are embedded as integers in thousandths (±0.0005 round-off) to keep
-  pages small: L × H × T² numbers.
+  Weights are embedded as integers in thousandths (±0.0005 round-off), only
+  the lower triangle when the pattern is causal: about L × H × T² / 2
+  numbers, so for long prompts pass the layers you want to look at.
 
   Args:
     tokens: The T token strings (whitespace is shown with visible markers).
@@ -84,6 +85,10 @@ def attention_view(
   if head != "avg":
     head = _index(int(head), H, "head")
 
+  ints = np.rint(np.clip(p, 0.0, 1.0) * QUANT).astype(np.int64)
+  upper = np.triu(np.ones((Tq, Tq), bool), k=1)
+  tri = not ints[..., upper].any()  # causal: keep the lower triangle only
+  packed = (ints[..., ~upper] if tri else ints).ravel().tolist()
   root = _html.new_id("gsv-att")
   data = {
     "tokens": [_html.display_token(str(t)) for t in toks],
@@ -91,7 +96,8 @@ def attention_view(
     "H": H,
     "T": Tq,
     "q": QUANT,
-    "p": np.rint(np.clip(p, 0.0, 1.0) * QUANT).astype(np.int64).ravel().tolist(),
+    "tri": tri,
+    "p": packed,
     "layers": labels,
     "scale": [list(a) for a in _colors.COOL],
     "init": {

@@ -1,6 +1,7 @@
 // gemma_surgery attention view. Data (embedded JSON):
 //   tokens: display strings; L, H, T: layers, heads, tokens;
-//   p: attention weights [L, H, T(query), T(key)] flattened, in 1/q units;
+//   p: attention weights [L, H, T(query), T(key)] flattened, in 1/q units; with
+//      tri, only each query's keys 0..query (causal), row after row;
 //   q: quantization (weights = p / q); layers: layer labels; scale: colour anchors;
 //   init: {layer, head ("avg" or index), mode ("from" | "to"), maskBos, token}.
 (function () {
@@ -23,9 +24,13 @@
     function matrix() {
       const m = new Float64Array(T * T);
       const heads = state.head === "avg" ? [...Array(H).keys()] : [Number(state.head)];
+      const per = d.tri ? (T * (T + 1)) / 2 : T * T;
       for (const h of heads) {
-        const base = (state.layer * H + h) * T * T;
-        for (let k = 0; k < T * T; k++) m[k] += d.p[base + k] / d.q / heads.length;
+        const base = (state.layer * H + h) * per;
+        for (let i = 0, k = base; i < T; i++) {
+          const n = d.tri ? i + 1 : T;
+          for (let j = 0; j < n; j++, k++) m[i * T + j] += d.p[k] / d.q / heads.length;
+        }
       }
       if (state.maskBos && T > 1) {
         for (let i = 0; i < T; i++) {
