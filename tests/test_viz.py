@@ -165,6 +165,7 @@ def _lens_inputs(S=3, k=4):
 
 def test_logit_lens_table_cells_tooltips_and_hits():
   top, probs, change = _lens_inputs()
+  change[0] = np.nan  # the embedding row has no previous residual
   nxt = ["x"] * T
   nxt[3] = " sat"
   view = viz.logit_lens_table(
@@ -182,6 +183,7 @@ def test_logit_lens_table_cells_tooltips_and_hits():
   assert page.count('class="gsv-cell gsv-hit"') == 1  # " sat" at [2, 3]
   assert f"{probs[0, 0, 1]:.3f}" in page  # second-best probability in a tooltip
   assert "t001" in page
+  assert "change n/a" in page and "#e6e6e6" in page  # NaN: grey cell
   with pytest.raises(errors.InputError):
     viz.logit_lens_table(
       top, probs[:, :-1], change, row_labels=["a"] * 3, col_tokens=TOKENS

@@ -88,11 +88,9 @@ def logit_lens_table(
         [f"{r + 1}.", _html.display_token(str(toks[i, j, r])), f"{probs[i, j, r]:.3f}"]
         for r in range(toks.shape[2])
       ]
-      tip = _html.tip_attr(
-        f"{label} · position {j} ({_html.display_token(str(cols[j]))}) · change "
-        f"{ch[i, j]:.3f}",
-        tip_rows,
-      )
+      amount = f"{ch[i, j]:.3f}" if np.isfinite(ch[i, j]) else "n/a"
+      where = f"position {j} ({_html.display_token(str(cols[j]))})"
+      tip = _html.tip_attr(f"{label} · {where} · change {amount}", tip_rows)
       hit = " gsv-hit" if nxt is not None and top == str(nxt[j]) else ""
       style = _colors.cell_style(_colors.WARM, norm(ch[i, j]))
       cells.append(
