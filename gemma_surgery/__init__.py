@@ -11,6 +11,7 @@ from gemma_surgery import (
   sae,
   sharding,
   sites,
+  viz,
 )
 from gemma_surgery.build import GemmaTransformerLM, build_model
 from gemma_surgery.config import GemmaConfig, preset, preset_names
@@ -79,4 +80,5 @@ __all__ = [
   "preset_names",
   "shard_model",
   "sharding",
+  "viz",
 ]
