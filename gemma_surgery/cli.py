@@ -1,8 +1,10 @@
 """The ``gemma-surgery`` command (also ``python -m gemma_surgery``).
 
 Verbs:
-  generate SOURCE --prompt TEXT   load a model and print a greedy continuation
-  info SOURCE                     print the model's architecture
+  tour [--model M] [--sae S] [--out DIR]   every analysis → one HTML report
+  generate SOURCE --prompt TEXT            a continuation (optionally steered)
+  sae-features SOURCE --sae S --prompt T   the top SAE features of every token
+  info SOURCE                              the model's architecture
 """
 
 from __future__ import annotations
@@ -13,63 +15,221 @@ import time
 
 from gemma_surgery import errors
 
+_SOURCE_HELP = (
+  "model: 'tiny' (the embedded default), a local path, hf:org/name,"
+  " kaggle:owner/model/framework/variation, or a variant name such as gemma2_2b"
+)
+
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="gemma-surgery",
     description="Load Gemma 1/2/3 into Penzai, look inside, cut it open.",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="Run 'gemma-surgery VERB --help' for the options of a verb.",
   )
-  verbs = parser.add_subparsers(dest="verb", required=True)
+  verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-  def add_source(p):
+  def add_model(p, positional: bool = True):
+    if positional:
+      p.add_argument("source", help=_SOURCE_HELP)
+    else:
+      p.add_argument("--model", dest="source", default="tiny", help=_SOURCE_HELP)
     p.add_argument(
-      "source",
-      help="local path, hf:org/name, kaggle:owner/model/framework/variation,"
-      " or a variant name such as gemma2_2b",
+      "--dtype",
+      default=None,
+      choices=["bfloat16", "float32"],
+      help="parameter dtype (default: float32 for 'tiny', else bfloat16)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--variant", default=None, help="variant of a Kaggle checkpoint")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path")
 
-  gen = verbs.add_parser("generate", help="print a greedy continuation")
-  add_source(gen)
+  def add_sae(p, required: bool):
+    p.add_argument(
+      "--sae",
+      required=required,
+      default=None,
+      help="SAE: a local folder/file, a Hub repo (with --sae-path), or 'tiny'",
+    )
+    p.add_argument("--sae-path", default=None, help="the SAE's folder inside --sae")
+
+  tour = verbs.add_parser(
+    "tour",
+    help="run every analysis on a model and write one HTML report (+ PNGs)",
+    description="Logit lens, MLP neurons, attention and head scores, induction"
+    " and knockouts, activation patching (and SAE views with --sae), written"
+    " to DIR/report.html with PNGs of the heatmaps.",
+  )
+  add_model(tour, positional=False)
+  add_sae(tour, required=False)
+  tour.add_argument("--out", default="gemma_surgery_tour", help="output folder")
+  tour.add_argument("--prompt", default=None, help="prompt to analyse")
+
+  gen = verbs.add_parser(
+    "generate",
+    help="print a continuation (greedy or sampled, optionally steered)",
+    description="Generate with the fused KV-cached loop. Steering adds"
+    " SCALE × a direction at one site and layer on every position: an SAE"
+    " feature's decoder row (--sae, --feature) or a saved vector"
+    " (--vector FILE.npy with --site and --layer).",
+  )
+  add_model(gen)
   gen.add_argument("--prompt", required=True)
   gen.add_argument("--max-new-tokens", type=int, default=32)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  gen.add_argument("--top-k", type=int, default=None)
+  gen.add_argument("--top-p", type=float, default=None)
+  gen.add_argument("--seed", type=int, default=0)
+  add_sae(gen, required=False)
+  gen.add_argument("--feature", type=int, default=None, help="SAE feature to steer")
+  gen.add_argument("--vector", default=None, help=".npy {embedding} steering vector")
+  gen.add_argument("--site", default="resid_post", help="site of --vector")
+  gen.add_argument("--layer", type=int, default=None, help="layer of --vector")
+  gen.add_argument("--scale", type=float, default=1.0, help="steering scale")
+
+  feats = verbs.add_parser(
+    "sae-features",
+    help="print the top SAE features of every token",
+    description="Splice the SAE (with its error term, so the model is"
+    " unchanged) and list the K most active features per token.",
+  )
+  add_model(feats)
+  add_sae(feats, required=True)
+  feats.add_argument("--prompt", required=True)
+  feats.add_argument("--k", type=int, default=5)
+
   info = verbs.add_parser("info", help="print the architecture")
-  add_source(info)
+  add_model(info)
   return parser
+
+
+def _load(args):
+  from gemma_surgery.loading.api import load
+
+  dtype = args.dtype or ("float32" if args.source == "tiny" else "bfloat16")
+  start = time.perf_counter()
+  lm = load(args.source, dtype=dtype, variant=args.variant, tokenizer=args.tokenizer)
+  print(f"loaded {lm.path} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+  return lm
+
+
+def _load_sae(args, lm):
+  from gemma_surgery.sae import load_sae
+
+  enc = load_sae(args.sae, args.sae_path)
+  print(f"SAE: {enc.info}", file=sys.stderr)
+  return enc
+
+
+def _need_tokenizer(lm) -> None:
+  if lm.tokenizer is None:
+    raise errors.TokenizerError(
+      f"{lm.path} has no tokenizer.model; pass --tokenizer PATH."
+    )
+
+
+def _steered(args, lm):
+  """The model with the requested steering (or unchanged)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from penzai import pz
+
+  from gemma_surgery.surgery import steer
+
+  if args.feature is not None:
+    if args.sae is None:
+      raise errors.InputError("--feature needs --sae.")
+    from gemma_surgery.sae.splice import check_fits
+
+    enc = _load_sae(args, lm)
+    check_fits(lm.model, enc)
+    width = enc.info.width
+    if not 0 <= args.feature < width:
+      raise errors.SAEError(f"--feature {args.feature} is outside 0..{width - 1}.")
+    row = enc.w_dec.value[{"latents": args.feature}].astype(jnp.float32)
+    return steer(lm.model, enc.info.site, enc.info.layer, row, args.scale)
+  if args.vector is not None:
+    if args.layer is None:
+      raise errors.InputError("--vector needs --layer (and optionally --site).")
+    vector = np.load(args.vector, allow_pickle=False)
+    named = pz.nx.wrap(jnp.asarray(vector, jnp.float32)).tag("embedding")
+    return steer(lm.model, args.site, args.layer, named, args.scale)
+  return lm.model
+
+
+def _generate(args) -> int:
+  from gemma_surgery.generate import generate
+
+  lm = _load(args)
+  _need_tokenizer(lm)
+  model = _steered(args, lm)
+  out = generate(
+    model,
+    [args.prompt],
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    seed=args.seed,
+    eos_id=lm.config.eos_id,
+    tokenizer=lm.tokenizer,
+  )
+  print(args.prompt + out.text[0])
+  return 0
+
+
+def _sae_features(args) -> int:
+  import numpy as np
+
+  from gemma_surgery.analysis.inputs import named_tokens
+  from gemma_surgery.run import jit_forward
+  from gemma_surgery.sae import splice_sae
+
+  lm = _load(args)
+  _need_tokenizer(lm)
+  enc = _load_sae(args, lm)
+  spliced, feats = splice_sae(lm.model, enc, use_error_term=True, capture_features=True)
+  ids = lm.tokenizer.encode(args.prompt, add_bos=True)
+  jit_forward(spliced)(named_tokens(np.asarray([ids])))
+  acts = np.asarray(feats.value().unwrap("batch", "seq", "latents"))[0]
+  k = max(1, min(args.k, acts.shape[-1]))
+  for piece, row in zip(lm.tokenizer.pieces(ids), acts, strict=True):
+    top = np.argsort(-row, kind="stable")[:k]
+    listed = "  ".join(f"{int(i)}:{row[i]:.2f}" for i in top if row[i] > 0)
+    print(f"{piece!r:>16}  {listed or '-'}")
+  return 0
+
+
+def _tour(args) -> int:
+  from gemma_surgery.tour import run_tour
+
+  lm = _load(args)
+  enc = _load_sae(args, lm) if args.sae else None
+  path = run_tour(lm, args.out, prompt=args.prompt, sae=enc)
+  print(f"wrote {path}")
+  return 0
+
+
+def _info(args) -> int:
+  lm = _load(args)
+  for key, value in lm.config.to_dict().items():
+    print(f"{key:>24}: {value}")
+  print(f"{'parameters':>24}: {lm.config.num_parameters():,}")
+  return 0
+
+
+_VERBS = {
+  "tour": _tour,
+  "generate": _generate,
+  "sae-features": _sae_features,
+  "info": _info,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  # Imported here so that `--help` is instant.
-  from gemma_surgery.generate import greedy_generate
-  from gemma_surgery.loading.api import load
-
   try:
-    start = time.perf_counter()
-    lm = load(
-      args.source, dtype=args.dtype, variant=args.variant, tokenizer=args.tokenizer
-    )
-    print(f"loaded {lm.path} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    if args.verb == "info":
-      for key, value in lm.config.to_dict().items():
-        print(f"{key:>24}: {value}")
-      print(f"{'parameters':>24}: {lm.config.num_parameters():,}")
-      return 0
-    if lm.tokenizer is None:
-      raise errors.TokenizerError(
-        f"{lm.path} has no tokenizer.model; pass --tokenizer PATH."
-      )
-    ids = lm.tokenizer.encode(args.prompt, add_bos=True)
-    out = greedy_generate(
-      lm.model, [ids], max_new_tokens=args.max_new_tokens, eos_id=lm.config.eos_id
-    )[0]
-    new = [int(t) for t in out]
-    if lm.config.eos_id in new:
-      new = new[: new.index(lm.config.eos_id)]
-    print(args.prompt + lm.tokenizer.decode(new))
-    return 0
+    return _VERBS[args.verb](args)
   except errors.GemmaSurgeryError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
