@@ -213,6 +213,9 @@ def save_hf(
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if tokenizer_model is not None:
       shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    for file in tmp.iterdir():
+      file.chmod(0o644)
     if directory.exists():
       directory.rmdir()
     tmp.rename(directory)
