@@ -11,8 +11,19 @@ Modules: `layers` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
 `edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`.
 """
 
-from gemma_surgery.sae import metrics
+from gemma_surgery.sae import features, metrics
 from gemma_surgery.sae.edits import FeatureEdits, feature_edits
+from gemma_surgery.sae.evaluate import evaluate
+from gemma_surgery.sae.features import (
+  Example,
+  feature_direction,
+  feature_logit_lens,
+  max_activating_examples,
+  neuronpedia_iframe,
+  neuronpedia_url,
+  steer_with_feature,
+  top_features,
+)
 from gemma_surgery.sae.layers import AutoEncoder, JumpReLU, SAEInfo, Transcoder
 from gemma_surgery.sae.load import load_sae
 from gemma_surgery.sae.shard import shard_sae
@@ -26,7 +37,17 @@ from gemma_surgery.sae.splice import (
 )
 
 __all__ = [
+  "Example",
+  "evaluate",
+  "feature_direction",
+  "feature_logit_lens",
+  "features",
+  "max_activating_examples",
   "metrics",
+  "neuronpedia_iframe",
+  "neuronpedia_url",
+  "steer_with_feature",
+  "top_features",
   "AutoEncoder",
   "FeatureCapture",
   "FeatureEdits",
