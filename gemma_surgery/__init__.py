@@ -3,7 +3,7 @@
 The curated public API. Everything here is documented in the README.
 """
 
-from gemma_surgery import errors, heads, interventions, sae, sharding, sites
+from gemma_surgery import assets, errors, heads, interventions, sae, sharding, sites
 from gemma_surgery.build import GemmaTransformerLM, build_model
 from gemma_surgery.config import GemmaConfig, preset, preset_names
 from gemma_surgery.errors import (
@@ -31,6 +31,7 @@ from gemma_surgery.tokenizer import GemmaTokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+  "assets",
   "SAEError",
   "sae",
   "SITES",

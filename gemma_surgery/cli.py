@@ -25,9 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
       "source",
       help="local path, hf:org/name, kaggle:owner/model/framework/variation,"
-      " or a variant name such as gemma2_2b",
+      " a variant name such as gemma2_2b, or 'tiny' (the embedded model)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+      "--dtype",
+      default=None,
+      choices=["bfloat16", "float32"],
+      help="parameter dtype (default bfloat16; float32 for tiny)",
+    )
     p.add_argument("--variant", default=None, help="variant of a Kaggle checkpoint")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path")
 
