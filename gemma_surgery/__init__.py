@@ -5,6 +5,7 @@ The curated public API. Everything here is documented in the README.
 
 from gemma_surgery import (
   analysis,
+  assets,
   errors,
   heads,
   interventions,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "analysis",
+  "assets",
   "sae",
   "SITES",
   "Captures",

@@ -10,7 +10,11 @@
 * ``"kaggle:owner/model/framework/variation[/version]"``, downloaded with
   ``kagglehub`` into its cache;
 * a published variant name such as ``"gemma2_2b"`` or ``"gemma-3-1b-it"``,
-  which resolves to its Hugging Face repo.
+  which resolves to its Hugging Face repo;
+* ``"tiny"``: the embedded "gemma-surgery tiny" model shipped inside the
+  package (`gemma_surgery.assets`), trained by this project; never
+  downloaded. The string ``"tiny"`` always means it; pass ``"./tiny"`` or a
+  ``pathlib.Path`` for a local folder of that name.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import jax
 
-from gemma_surgery import build, errors, sharding
+from gemma_surgery import assets, build, errors, sharding
 from gemma_surgery import config as config_lib
 from gemma_surgery.loading import hf, hf_config, hub, params
 from gemma_surgery.tokenizer import GemmaTokenizer, as_tokenizer
@@ -94,6 +98,8 @@ def resolve(
       reference or a known variant.
     HubError: If a download is needed and fails.
   """
+  if isinstance(source, str) and source == assets.TINY_NAME:
+    return assets.tiny_dir()
   text = str(source)
   path = pathlib.Path(text).expanduser()
   if path.exists():
@@ -118,7 +124,7 @@ def resolve(
 def load(
   source: str | pathlib.Path,
   *,
-  dtype: str = "bfloat16",
+  dtype: str | None = None,
   activation_dtype: str | None = None,
   variant: str | None = None,
   config: config_lib.GemmaConfig | None = None,
@@ -133,7 +139,9 @@ def load(
   Args:
     source: A local path, ``"hf:org/name"``, ``"kaggle:handle"`` or a variant
       name (see the module docstring).
-    dtype: Parameter dtype: ``"bfloat16"`` (default), ``"float32"``.
+    dtype: Parameter dtype: ``"bfloat16"`` or ``"float32"``. Default:
+      ``"bfloat16"``, except ``"float32"`` for the embedded ``"tiny"`` model
+      (stored and measured in float32).
     activation_dtype: Activation dtype; e.g. ``"float32"`` to run bf16 weights
       with float32 activations. Default: same as ``dtype``.
     variant: Variant name for Kaggle checkpoints whose non-shape knobs
@@ -158,6 +166,8 @@ def load(
     CheckpointError, ConfigError, HubError, TokenizerError: see their docs.
   """
   path = resolve(source, cache_dir=cache_dir)
+  if dtype is None:
+    dtype = "float32" if path == assets.TINY_DIR else "bfloat16"
   if _is_hf_dir(path):
     if config is None:
       config = hf_config.config_from_hf(hf_config.read_config_json(path))

@@ -8,7 +8,8 @@
 
 Modules: `layers` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
 `load` (reading Gemma Scope files), `hookpoints` (which site an SAE reads),
-`edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`.
+`edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`,
+`train` (`train_jumprelu_sae`, Gemma Scope's JumpReLU recipe).
 """
 
 from gemma_surgery.sae import features, metrics
@@ -35,6 +36,7 @@ from gemma_surgery.sae.splice import (
   set_edits,
   splice_sae,
 )
+from gemma_surgery.sae.train import save_gemma_scope_2, train_jumprelu_sae
 
 __all__ = [
   "Example",
@@ -62,4 +64,6 @@ __all__ = [
   "set_edits",
   "shard_sae",
   "splice_sae",
+  "save_gemma_scope_2",
+  "train_jumprelu_sae",
 ]

@@ -3,6 +3,7 @@
     sae = load_sae("google/gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71")
     sae = load_sae("google/gemma-scope-2-1b-pt", "resid_post/layer_13_width_16k_l0_big")
     sae = load_sae("/data/saes/layer_20/width_16k/average_l0_71", family="res")
+    sae = load_sae("tiny")   # the embedded model's resid_post SAE, offline
 
 The file format decides the release: ``params.npz`` is Gemma Scope 1,
 ``params.safetensors`` (+ optional ``config.json``) is Gemma Scope 2. Where the
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from gemma_surgery import assets
 from gemma_surgery.errors import SAEError
 from gemma_surgery.loading import hub
 from gemma_surgery.sae import files, hookpoints
@@ -90,7 +92,9 @@ def load_sae(
 
   Args:
     source: A Hugging Face repo id (with ``path``), or a local SAE folder or
-      ``params.npz`` / ``params.safetensors`` file (without ``path``).
+      ``params.npz`` / ``params.safetensors`` file (without ``path``), or
+      ``"tiny"``: the ``resid_post`` SAE shipped with the embedded model
+      (`gemma_surgery.assets`; never downloaded).
     path: The SAE's folder (or file) inside the repo; only that folder is
       downloaded (Hugging Face cache, progress bar, offline-first; see
       `gemma_surgery.loading.hub.download_hf`).
@@ -114,6 +118,8 @@ def load_sae(
     SAEError: Missing file, pickled npz, wrong keys or shapes, unknown site.
     HubError: The download failed.
   """
+  if path is None and isinstance(source, str) and source == assets.TINY_NAME:
+    source = assets.tiny_sae_dir()
   if path is not None:
     repo_id = str(source)
     folder, file, rel = _hf_folder(repo_id, path, revision, cache_dir, token)
