@@ -33,7 +33,7 @@ import numpy as np
 EXCLUDED_DIRS = ("site-packages", "test", "tests", "idlelib", "turtledemo")
 MIN_DOC_CHARS = 40
 HELDOUT_EVERY = 20
-MIN_SPAN, MAX_SPAN = 8, 48
+MIN_SPAN, MAX_SPAN = 2, 24
 
 
 def stdlib_root() -> pathlib.Path:

@@ -16,7 +16,7 @@ Fully seeded and offline; the corpus recipe is in ``tiny_corpus.py``.
    + ``tokenizer.model``) and reloaded through `gemma_surgery.load` to check
    the round trip.
 
-Usage (about 25 minutes on 2 shared CPU cores)::
+Usage (about 20 minutes on 2 CPU cores)::
 
   nice python scripts/train_tiny.py [--out gemma_surgery/assets/tiny]
 """
@@ -36,6 +36,7 @@ import numpy as np
 import optax
 import sentencepiece as spm
 import tiny_corpus
+import tiny_eval
 from penzai import pz
 from safetensors.numpy import save_file
 
@@ -46,8 +47,8 @@ from gemma_surgery.tokenizer import GemmaTokenizer
 
 VOCAB = 2048
 SEQ = 128
-TEXT_ROWS, SYNTH_ROWS = 12, 4
-STEPS = 1500
+TEXT_ROWS, SYNTH_ROWS = 12, 8
+STEPS = 2400
 LR, WARMUP, WEIGHT_DECAY = 3e-3, 100, 0.01
 SEED = 0
 HELDOUT_CHARS = 150_000
@@ -64,7 +65,10 @@ CONFIG = GemmaConfig(
   vocab_size=VOCAB,
   attention_types=("local", "global", "local", "global"),
   sliding_window=32,
-  query_pre_attn_scalar=32,
+  # With QK-norm the largest attention logit is head_dim / sqrt(scalar):
+  # 4 gives 16, as Gemma 3 1B's (256 / sqrt(256)); head_dim (32) would cap
+  # it at 5.7, and induction heads did not form in that model.
+  query_pre_attn_scalar=4,
   rope_global_base=1_000_000.0,
   rope_local_base=10_000.0,
   use_qk_norm=True,
@@ -208,17 +212,22 @@ def hf_tensors(values: dict, axes: dict, config: GemmaConfig) -> dict[str, np.nd
   return {name: np.ascontiguousarray(arr) for name, arr in sorted(out.items())}
 
 
+def bind(unbound, axes: dict, values: dict):
+  """The Penzai model with ``values`` (label → array) bound to its slots."""
+  return pz.bind_variables(
+    unbound,
+    [
+      pz.ParameterValue(value=pz.nx.wrap(v).tag(*axes[label]), label=label)
+      for label, v in values.items()
+    ],
+  )
+
+
 def make_loss(unbound, axes: dict):
   """Mean next-token NLL ``[batch, seq + 1]`` ids -> scalar, Penzai forward."""
 
   def loss_fn(values: dict, tokens: jax.Array) -> jax.Array:
-    bound = pz.bind_variables(
-      unbound,
-      [
-        pz.ParameterValue(value=pz.nx.wrap(v).tag(*axes[label]), label=label)
-        for label, v in values.items()
-      ],
-    )
+    bound = bind(unbound, axes, values)
     inputs = pz.nx.wrap(tokens[:, :-1]).tag("batch", "seq")
     logits = bound(inputs).unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -255,6 +264,7 @@ def train_model(train_rows: np.ndarray, heldout_rows: np.ndarray, steps: int) ->
     return optax.apply_updates(values, updates), state, loss
 
   eval_fn = jax.jit(loss_fn)
+  probe = tiny_eval.induction_tokens(VOCAB)
   rng = np.random.default_rng(SEED)
   order, cursor, log, recent = rng.permutation(len(train_rows)), 0, [], []
   start = time.time()
@@ -272,6 +282,9 @@ def train_model(train_rows: np.ndarray, heldout_rows: np.ndarray, steps: int) ->
       )
       if i % 250 == 0 or i == steps:
         entry["heldout_loss"] = float(eval_fn(values, heldout_rows[:32]))
+        entry["best_induction_score"] = float(
+          tiny_eval.induction_scores(bind(unbound, axes, values), probe).max()
+        )
       log.append(entry)
       recent = []
       print(json.dumps(entry), flush=True)
