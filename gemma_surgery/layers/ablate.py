@@ -44,7 +44,9 @@ def replace_where(
     select = native if select is None else select & native
   if select is None:
     return replacement + pz.nx.zeros(x.named_shape, x.dtype)
-  return pz.nx.nmap(jnp.where)(select, replacement, x)
+  # Keep x's storage layout: a no-op replacement must leave downstream
+  # contractions (and their float32 summation order) unchanged.
+  return pz.nx.nmap(jnp.where)(select, replacement, x).order_like(x)
 
 
 @pz.pytree_dataclass
