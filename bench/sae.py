@@ -1,10 +1,15 @@
 """SAE throughput and the cost of a spliced SAE during generation.
 
 1. Encode + decode of 1024 tokens through a Gemma-2-2B-sized SAE (d_model
-   2304, width 16384, float32, random weights, ~10% of latents firing): our
-   jitted `AutoEncoder` vs a plain-numpy implementation of the same equations
-   (``f = JumpReLU(x·W_enc + b_enc)``, ``x̂ = f·W_dec + b_dec``), medians of
-   interleaved runs; the outputs must agree.
+   2304, width 16384, float32, random weights) vs a plain-numpy
+   implementation of the same equations (``f = JumpReLU(x·W_enc + b_enc)``,
+   ``x̂ = f·W_dec + b_dec``), medians of interleaved runs: the dense jitted
+   `AutoEncoder` and `gemma_surgery.sae.sparse.reconstruct` (exact sparse
+   decode). Two firing rates: θ = 2.6 (L0 ≈ 77 of 16384, like Gemma Scope's
+   ``average_l0_82``) and θ = 1.28 (L0 ≈ 1640, 10%: the dense fallback).
+   Reported: the largest difference from numpy, and the number of latents
+   whose on/off state differs (pre-activations within float32 rounding of θ;
+   summation order differs between BLAS libraries).
 2. Fused greedy generation (16-token prompt, 64 new tokens) of the mid-size
    config (`configs.MID`) with a random width-4096 SAE spliced at
    ``resid_post`` of layer 4 (with the error term) vs the same model without
@@ -27,24 +32,30 @@ from penzai import pz
 
 import gemma_surgery as gs
 from gemma_surgery.sae import AutoEncoder, SAEInfo
+from gemma_surgery.sae.sparse import reconstruct
 
 
-def random_sae(d: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_sae(
+  d: int, width: int, seed: int = 0, threshold: float = 1.28
+) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   arrays = {
     "w_enc": rng.normal(size=(d, width)) / np.sqrt(d),
     "w_dec": rng.normal(size=(width, d)) / np.sqrt(width),
     "b_enc": np.zeros(width),
     "b_dec": np.zeros(d),
-    "threshold": np.full(width, 1.28),  # ~10% of N(0, 1) pre-activations fire
+    "threshold": np.full(width, threshold),  # pre-activations are ~N(0, 1)
   }
   return {k: v.astype(np.float32) for k, v in arrays.items()}
 
 
-def numpy_forward(x: np.ndarray, a: dict) -> np.ndarray:
+def numpy_encode(x: np.ndarray, a: dict) -> np.ndarray:
   pre = x @ a["w_enc"] + a["b_enc"]
-  f = np.where(pre > a["threshold"], pre, 0.0)
-  return f @ a["w_dec"] + a["b_dec"]
+  return np.where(pre > a["threshold"], pre, 0.0)
+
+
+def numpy_forward(x: np.ndarray, a: dict) -> np.ndarray:
+  return numpy_encode(x, a) @ a["w_dec"] + a["b_dec"]
 
 
 def median(fn, runs: int) -> float:
@@ -56,26 +67,57 @@ def median(fn, runs: int) -> float:
   return statistics.median(times)
 
 
-def throughput(runs: int) -> None:
+def interleaved_medians(fns: dict, runs: int) -> dict[str, float]:
+  for fn in fns.values():
+    fn()
+  times = {k: [] for k in fns}
+  for _ in range(runs):
+    for key, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[key].append(time.perf_counter() - start)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def throughput(runs: int, threshold: float) -> None:
   d, width, n = 2304, 16384, 1024
-  arrays = random_sae(d, width)
+  arrays = random_sae(d, width, threshold=threshold)
   info = SAEInfo(family="res", layer=0, site="resid_post", d_in=d, width=width)
   sae = pz.freeze_params(AutoEncoder.from_arrays(arrays, info))
   x = np.random.default_rng(1).normal(size=(n, d)).astype(np.float32)
   named = pz.nx.wrap(jnp.asarray(x)).tag("tokens", "embedding")
-  ours = jax.jit(lambda s, v: s(v))
-  out = np.asarray(ours(sae, named).unwrap("tokens", "embedding"))
-  ref = numpy_forward(x, arrays)
-  t_ours = median(lambda: jax.block_until_ready(ours(sae, named).data_array), runs)
-  t_np = median(lambda: numpy_forward(x, arrays), runs)
-  print(f"SAE d={d} width={width}, {n} tokens, float32, encode+decode:")
+  dense = jax.jit(lambda s, v: s(v))
+  fns = {
+    "numpy": lambda: numpy_forward(x, arrays),
+    "dense": lambda: jax.block_until_ready(dense(sae, named).data_array),
+    "sparse": lambda: jax.block_until_ready(reconstruct(sae, named)[1].data_array),
+  }
+  t = interleaved_medians(fns, runs)
+  ref, ref_f = numpy_forward(x, arrays), numpy_encode(x, arrays)
+  feats, sparse_out = reconstruct(sae, named)
+  outs = {
+    "dense": np.asarray(dense(sae, named).unwrap("tokens", "embedding")),
+    "sparse": np.asarray(sparse_out.unwrap("tokens", "embedding")),
+  }
+  f = np.asarray(feats.unwrap("tokens", "latents"))
+  flips = int(((f != 0) != (ref_f != 0)).sum())
+  l0 = (ref_f != 0).sum(-1)
   print(
-    f"  gemma_surgery AutoEncoder (jit) {t_ours * 1e3:8.1f} ms  {n / t_ours:8.0f} tok/s"
+    f"SAE d={d} width={width}, {n} tokens, float32, encode+decode,"
+    f" θ={threshold} (L0 mean {l0.mean():.0f}, max {l0.max()}):"
   )
-  print(
-    f"  numpy                           {t_np * 1e3:8.1f} ms  {n / t_np:8.0f} tok/s"
-  )
-  print(f"  speed-up {t_np / t_ours:.2f} x; max |diff| {np.abs(out - ref).max():.2e}")
+  rows = [("numpy", "numpy                    ")]
+  rows += [
+    ("dense", "AutoEncoder (jit, dense)"),
+    ("sparse", "sparse.reconstruct      "),
+  ]
+  for key, label in rows:
+    line = f"  {label}  {t[key] * 1e3:8.1f} ms  {n / t[key]:8.0f} tok/s"
+    if key != "numpy":
+      diff = np.abs(outs[key] - ref).max()
+      line += f"  {t['numpy'] / t[key]:.2f} x numpy; max |diff| {diff:.1e}"
+    print(line)
+  print(f"  latents on/off differently from numpy: {flips} of {f.size}")
 
 
 def generation(runs: int) -> None:
@@ -116,7 +158,8 @@ def main() -> None:
   parser.add_argument("--runs", type=int, default=5)
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}")
-  throughput(args.runs)
+  throughput(args.runs, threshold=2.6)
+  throughput(args.runs, threshold=1.28)
   generation(args.runs)
 
 

@@ -1,0 +1,171 @@
+"""Exact sparse decoding of JumpReLU features.
+
+A JumpReLU SAE fires only a few latents per token (Gemma Scope's L0 is ~20 to
+~200 of 16k–1M latents), so ``f · W_dec`` is mostly multiplications by zero.
+Here a token's features are compacted to its ``active`` nonzero latents
+(`sparsify`) and the decoder reads only those rows (`sparse_decode`): the
+result equals the dense ``decode`` (up to float32 summation order) whenever
+no token has more nonzero latents than the ``active`` size, and `sparsify`
+reports how many tokens overflowed so callers can check.
+
+`reconstruct` is the eager entry point for bulk work (corpus metrics, feature
+scans): it encodes, measures the largest L0 of the batch, picks the
+``active`` size from a few power-of-two buckets (one compile each) and
+decodes sparsely; it never drops a latent.
+
+Axes: features ``{..., latents}`` → `SparseFeatures` ``{..., active}`` →
+output ``{..., embedding}``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from gemma_surgery.errors import SAEError
+from gemma_surgery.sae.layers import AutoEncoder, Transcoder
+
+MIN_ACTIVE = 8
+# `reconstruct` decodes densely when the slots exceed 1/DENSE_FRACTION of the
+# width: gathering rows then costs more than the dense matmul.
+DENSE_FRACTION = 8
+
+
+@pz.pytree_dataclass
+class SparseFeatures(pz.Struct):
+  """Per-token compacted JumpReLU features.
+
+  Attributes:
+    values: ``{..., active}`` float32 values of the nonzero latents, zero in
+      unused slots.
+    indices: ``{..., active}`` int32 latent ids (``0`` in unused slots, where
+      the value is zero).
+    overflow: Scalar int32: how many tokens had more nonzero latents than
+      ``active`` slots (their extra latents are dropped; zero means exact).
+  """
+
+  values: pz.nx.NamedArray
+  indices: pz.nx.NamedArray
+  overflow: jax.Array
+
+
+def _compact_row(row: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """The ``size`` first nonzero entries of a ``[latents]`` row and their ids."""
+  (idx,) = jnp.nonzero(row, size=size, fill_value=0)
+  used = jnp.arange(size) < jnp.count_nonzero(row)
+  return jnp.where(used, row[idx], 0.0), idx.astype(jnp.int32)
+
+
+def sparsify(features: pz.nx.NamedArray, active: int) -> SparseFeatures:
+  """Compacts ``{..., latents}`` features to ``{..., active}`` slots.
+
+  Args:
+    features: JumpReLU features (any sign; zeros are the inactive latents).
+    active: Slots per token; exact when every token's L0 is ``<= active``.
+
+  Returns:
+    The `SparseFeatures` (``overflow`` counts tokens whose L0 exceeded
+    ``active``).
+  """
+  width = features.named_shape["latents"]
+  if not 1 <= active <= width:
+    raise SAEError(f"active={active} must be in [1, {width}] (the SAE width).")
+  f = features.astype(jnp.float32).untag_prefix("latents")
+  compact = pz.nx.nmap(functools.partial(_compact_row, size=active))
+  values, indices = compact(f)
+  counts = pz.nx.nmap(jnp.count_nonzero)(f)
+  return SparseFeatures(
+    values=values.tag_prefix("active"),
+    indices=indices.tag_prefix("active"),
+    overflow=jnp.sum(counts.data_array > active).astype(jnp.int32),
+  )
+
+
+def sparse_decode(sae: AutoEncoder, sparse: SparseFeatures) -> pz.nx.NamedArray:
+  """``Σ_active value · W_dec[index] + b_dec`` → ``{..., embedding}`` (f32).
+
+  Reads only the decoder rows of active latents. Transcoders' affine skip
+  term needs the input and is not included (see `reconstruct`).
+  """
+  w_dec = sae.w_dec.value.astype(jnp.float32).unwrap("latents", "embedding")
+
+  def one(values: jax.Array, indices: jax.Array) -> jax.Array:
+    return jnp.einsum(
+      "a,ad->d", values, w_dec[indices], precision=jax.lax.Precision.HIGHEST
+    )
+
+  values = sparse.values.untag_prefix("active")
+  indices = sparse.indices.untag_prefix("active")
+  out = pz.nx.nmap(one)(values, indices).tag_prefix("embedding")
+  return out + sae.b_dec.value.astype(jnp.float32)
+
+
+def active_slots(max_l0: int, width: int) -> int:
+  """The power-of-two slot count (at least `MIN_ACTIVE`, at most ``width``)
+  that holds ``max_l0`` latents; few sizes, so few compiles."""
+  return min(width, max(MIN_ACTIVE, 1 << max(0, int(max_l0) - 1).bit_length()))
+
+
+@functools.partial(jax.jit, static_argnames="active")
+def _decode(sae: AutoEncoder, features: pz.nx.NamedArray, active: int):
+  sparse = sparsify(features, active)
+  return sparse_decode(sae, sparse), sparse.overflow
+
+
+@jax.jit
+def _dense_decode(sae: AutoEncoder, features: pz.nx.NamedArray):
+  return sae.decode(features)
+
+
+@jax.jit
+def _encode(sae: AutoEncoder, x: pz.nx.NamedArray):
+  features = sae.encode(x)
+  l0 = pz.nx.nmap(jnp.count_nonzero)(features.untag_prefix("latents"))
+  return features, jnp.max(l0.data_array)
+
+
+def reconstruct(
+  sae: AutoEncoder, x: pz.nx.NamedArray
+) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+  """Encodes and decodes ``{..., embedding}`` activations, decoding sparsely.
+
+  The slot count is chosen from this batch's largest L0, so no latent is ever
+  dropped (when it exceeds ``width / DENSE_FRACTION`` the dense decoder is
+  used instead): the reconstruction equals ``sae.decode(sae.encode(x))`` up to
+  float32 summation order. Runs eagerly (it reads the L0 back to the host);
+  inside a jitted function use `sparsify` + `sparse_decode` with a fixed
+  size, or the dense ``sae(x)``.
+
+  Args:
+    sae: An `AutoEncoder` or `Transcoder` (its affine skip term is added).
+    x: Activations with an ``embedding`` axis of size ``sae.d_in``.
+
+  Returns:
+    ``(features {..., latents}, reconstruction {..., embedding})``, float32.
+
+  Raises:
+    SAEError: If ``x`` has no ``embedding`` axis of the SAE's input size.
+  """
+  size = x.named_shape.get("embedding")
+  if size != sae.d_in:
+    raise SAEError(
+      f"Activations have embedding={size} (axes {dict(x.named_shape)}); the SAE"
+      f" reads {sae.d_in}."
+    )
+  sae = pz.freeze_params(sae)
+  features, max_l0 = _encode(sae, x)
+  active = active_slots(int(max_l0), sae.width)
+  if active * DENSE_FRACTION > sae.width:
+    out = _dense_decode(sae, features)
+  else:
+    out, overflow = _decode(sae, features, active)
+    if int(overflow):  # Cannot happen: `active` holds the largest L0.
+      raise AssertionError(f"{int(overflow)} tokens overflowed {active} slots")
+  if isinstance(sae, Transcoder):
+    skip = sae.skip(x)
+    if skip is not None:
+      out = out + skip
+  return features, out

@@ -1,0 +1,120 @@
+"""Exact sparse decoding (`gemma_surgery.sae.sparse`) vs the dense equations."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from penzai import pz
+
+from gemma_surgery.errors import SAEError
+from gemma_surgery.sae import AutoEncoder, SAEInfo, Transcoder, sparse
+
+D, WIDTH = 16, 512
+
+
+def _arrays(
+  seed: int = 0, threshold: float = 6.0, shift: float = 0.0
+) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+    "w_enc": rng.normal(size=(D, WIDTH)).astype(np.float32) / 3,
+    "w_dec": rng.normal(size=(WIDTH, D)).astype(np.float32),
+    "b_enc": rng.normal(size=WIDTH).astype(np.float32) * 0.1 + shift,
+    "b_dec": rng.normal(size=D).astype(np.float32),
+    "threshold": np.full(WIDTH, threshold, np.float32),
+  }
+
+
+def _info(family: str = "res") -> SAEInfo:
+  return SAEInfo(family=family, layer=0, site="resid_post", d_in=D, width=WIDTH)
+
+
+def _x(seed: int = 1) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(3, 7, D)).astype(np.float32) * 2
+
+
+def _named(x: np.ndarray) -> pz.nx.NamedArray:
+  return pz.nx.wrap(jnp.asarray(x)).tag("batch", "seq", "embedding")
+
+
+def _numpy_sae(x: np.ndarray, a: dict) -> tuple[np.ndarray, np.ndarray]:
+  pre = x @ a["w_enc"] + a["b_enc"]
+  f = np.where(pre > a["threshold"], pre, 0.0)
+  out = f @ a["w_dec"] + a["b_dec"]
+  if "w_skip" in a:
+    out = out + x @ a["w_skip"]
+  return f, out
+
+
+@pytest.mark.parametrize(
+  "threshold, shift, path",
+  [(6.0, 0.0, "sparse"), (-4.0, -10.0, "sparse"), (0.5, 0.0, "dense")],
+  ids=["sparse", "negative-features", "dense-fallback"],
+)
+def test_reconstruct_equals_the_published_equations(threshold, shift, path):
+  # θ < 0 (with a negative bias) makes negative features: the compaction must
+  # keep them; a low θ fires so many latents that the dense decoder is used.
+  a = _arrays(threshold=threshold, shift=shift)
+  sae = AutoEncoder.from_arrays(a, _info())
+  x = _x()
+  features, out = sparse.reconstruct(sae, _named(x))
+  f_ref, out_ref = _numpy_sae(x, a)
+  slots = sparse.active_slots((f_ref != 0).sum(-1).max(), WIDTH)
+  assert (slots * sparse.DENSE_FRACTION <= WIDTH) == (path == "sparse")
+  assert (f_ref < 0).any() == (threshold < 0)
+  np.testing.assert_allclose(
+    features.unwrap("batch", "seq", "latents"), f_ref, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    out.unwrap("batch", "seq", "embedding"), out_ref, atol=1e-4
+  )
+  dense = sae(_named(x)).unwrap("batch", "seq", "embedding")
+  np.testing.assert_allclose(out.unwrap("batch", "seq", "embedding"), dense, atol=1e-4)
+
+
+def test_reconstruct_adds_a_transcoders_skip_term():
+  a = _arrays()
+  a["w_skip"] = np.random.default_rng(3).normal(size=(D, D)).astype(np.float32)
+  tc = Transcoder.from_arrays(a, _info("transcoder"))
+  x = _x()
+  _, out = sparse.reconstruct(tc, _named(x))
+  np.testing.assert_allclose(
+    out.unwrap("batch", "seq", "embedding"), _numpy_sae(x, a)[1], atol=1e-4
+  )
+
+
+def test_too_few_slots_are_reported_and_change_the_result():
+  a = _arrays(threshold=2.0)
+  sae = AutoEncoder.from_arrays(a, _info())
+  x = _x()
+  f_ref, out_ref = _numpy_sae(x, a)
+  l0 = (f_ref != 0).sum(-1)
+  slots = int(np.median(l0))
+  compact = sparse.sparsify(sae.encode(_named(x)), slots)
+  assert int(compact.overflow) == int((l0 > slots).sum()) > 0
+  assert compact.values.named_shape == {"batch": 3, "seq": 7, "active": slots}
+  out = sparse.sparse_decode(sae, compact).unwrap("batch", "seq", "embedding")
+  assert np.abs(out - out_ref).max() > 1e-2  # latents were dropped (control)
+  full = sparse.sparsify(sae.encode(_named(x)), int(l0.max()))
+  assert int(full.overflow) == 0
+  out = sparse.sparse_decode(sae, full).unwrap("batch", "seq", "embedding")
+  np.testing.assert_allclose(out, out_ref, atol=1e-4)
+
+
+def test_slot_buckets():
+  assert sparse.active_slots(0, WIDTH) == sparse.MIN_ACTIVE
+  assert sparse.active_slots(9, WIDTH) == 16
+  assert sparse.active_slots(16, WIDTH) == 16
+  assert sparse.active_slots(900, WIDTH) == WIDTH
+
+
+def test_bad_input_is_rejected():
+  sae = AutoEncoder.from_arrays(_arrays(), _info())
+  wrong = pz.nx.wrap(jnp.zeros((2, D + 1))).tag("seq", "embedding")
+  with pytest.raises(SAEError, match="embedding=17"):
+    sparse.reconstruct(sae, wrong)
+  features = sae.encode(_named(_x()))
+  for bad in (0, WIDTH + 1):
+    with pytest.raises(SAEError, match="active"):
+      sparse.sparsify(features, bad)
