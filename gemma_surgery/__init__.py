@@ -6,6 +6,7 @@ The curated public API. Everything here is documented in the README.
 from gemma_surgery import (
   analysis,
   assets,
+  distributed,
   errors,
   heads,
   interventions,
@@ -19,6 +20,7 @@ from gemma_surgery.config import GemmaConfig, preset, preset_names
 from gemma_surgery.errors import (
   CheckpointError,
   ConfigError,
+  DistributedError,
   GemmaSurgeryError,
   HubError,
   InputError,
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
   "analysis",
   "assets",
+  "distributed",
   "sae",
   "SITES",
   "Captures",
@@ -61,6 +64,7 @@ __all__ = [
   "unpatch",
   "CheckpointError",
   "ConfigError",
+  "DistributedError",
   "GemmaConfig",
   "GemmaSurgeryError",
   "GemmaTokenizer",
