@@ -43,10 +43,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from gemma_surgery import _lobby, errors, sharding
+from gemma_surgery._host import to_numpy
 from gemma_surgery.config import GemmaConfig
 from gemma_surgery.loading import params as params_lib
 
@@ -368,21 +368,6 @@ def check_mesh(
     f"Mesh {dict(mesh.shape)} doesn't fit this {config.family} model; these"
     " parameters would be replicated on every device: " + "; ".join(lines) + "."
   )
-
-
-def to_numpy(array: Any) -> np.ndarray:
-  """A host numpy copy of an array, also one that spans several processes.
-
-  Every process must call it for an array spanning processes (it is a
-  collective: the shards are all-gathered).
-  """
-  if isinstance(array, jax.Array) and not (
-    array.is_fully_addressable or array.is_fully_replicated
-  ):
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-  return np.asarray(array)
 
 
 def gather(tree: Any, *, primary_only: bool = False) -> Any:

@@ -32,7 +32,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from penzai import pz
 
-from gemma_surgery import decoding, distributed, errors, sampling, sharding
+from gemma_surgery import decoding, errors, sampling, sharding
+from gemma_surgery._host import to_numpy
 from gemma_surgery.generation_inputs import (
   PAD_MARK,
   check_controls,
@@ -220,8 +221,8 @@ def generate(
   prepared.write_back(out["user_state"])
   # Rows may live on other processes: gather them (a collective).
   tokens, lengths = (
-    distributed.to_numpy(out["tokens"]),
-    distributed.to_numpy(out["lengths"]),
+    to_numpy(out["tokens"]),
+    to_numpy(out["lengths"]),
   )
   text = None
   if tokenizer is not None:
@@ -263,7 +264,7 @@ def _captured(
   if not prepared.savers:
     return {}
   if end is None:
-    end = int(distributed.to_numpy(out["cache_end"]))
+    end = int(to_numpy(out["cache_end"]))
   structure, captured = prepared.structure, {}
   for i, key, buf in zip(
     structure.saver_index, structure.saver_keys, out["captures"], strict=True
