@@ -206,13 +206,13 @@ def initialize(
     raise errors.DistributedError(
       f"process_id={pid!r} is outside 0..{count - 1} (num_processes={count})."
     )
+  host, port = _split_address(address)
   if _backends_started():
     raise errors.DistributedError(
       "JAX has already run computations in this process; call"
       " gemma_surgery.distributed.initialize() first, before loading models"
       " or creating arrays."
     )
-  host, port = _split_address(address)
   if pid == 0:
     _lobby.host(port, count, timeout_s)
   else:
