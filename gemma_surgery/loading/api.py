@@ -189,7 +189,12 @@ def load(
         _check_mesh(config, mesh, sharding_rules)
       with hf.open_hf_params(path, config) as lazy:
         model = params.bind_parameters(
-          config, lazy, source=str(path), mesh=mesh, sharding_rules=sharding_rules
+          config,
+          lazy,
+          source=str(path),
+          mesh=mesh,
+          sharding_rules=sharding_rules,
+          progress=progress,
         )
   else:
     # orbax is slow to import; only Kaggle/Flax checkpoints need it.

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
+from tqdm.auto import tqdm
 
 from gemma_surgery import build, errors, sharding
 from gemma_surgery.config import GemmaConfig
@@ -247,6 +248,7 @@ def bind_parameters(
   mesh: jax.sharding.Mesh | None = None,
   sharding_rules: sharding.Rules | None = None,
   strict: bool = False,
+  progress: bool = False,
 ) -> build.GemmaTransformerLM:
   """Builds the model for ``config`` and binds canonical parameters to it.
 
@@ -268,6 +270,7 @@ def bind_parameters(
       `sharding.DEFAULT_RULES`).
     strict: With ``mesh``: raise `ShardingError` when a rule's axis doesn't
       divide its mesh axis, instead of replicating that axis.
+    progress: With ``mesh``: a progress bar over parameters.
 
   Returns:
     The bound model.
@@ -282,9 +285,12 @@ def bind_parameters(
     from gemma_surgery.loading import placement  # imports this module
 
     targets = penzai_targets(config)
-    arrays = placement.place_all(
-      targets, params, mesh, dtype, sharding_rules, strict=strict
-    )
+    with tqdm(
+      total=len(targets), desc="Placing parameters", unit="array", disable=not progress
+    ) as bar:
+      arrays = placement.place_all(
+        targets, params, mesh, dtype, sharding_rules, strict=strict, progress=bar.update
+      )
     return bind_named(config, arrays)
   arrays = {}
   for label, (value, axes) in to_penzai(config, params).items():
