@@ -186,7 +186,14 @@ def initialize(
     return _auto_detect(timeout_s)
   if count is not None and (not isinstance(count, int) or count < 1):
     raise errors.DistributedError(f"num_processes={count!r} must be >= 1.")
-  if count == 1 and pid in (None, 0):
+  if pid is not None and (
+    not isinstance(pid, int) or pid < 0 or (count is not None and pid >= count)
+  ):
+    valid = "a non-negative int" if count is None else f"in 0..{count - 1}"
+    raise errors.DistributedError(
+      f"process_id={pid!r} is not {valid} (num_processes={count})."
+    )
+  if count == 1:
     return info()
   missing = [
     name
@@ -201,10 +208,6 @@ def initialize(
     raise errors.DistributedError(
       f"A multi-process run needs the {', '.join(missing)} (arguments, or"
       f" ${ENV_ADDRESS}, ${ENV_COUNT}, ${ENV_ID})."
-    )
-  if not isinstance(pid, int) or not 0 <= pid < count:
-    raise errors.DistributedError(
-      f"process_id={pid!r} is outside 0..{count - 1} (num_processes={count})."
     )
   host, port = _split_address(address)
   if _backends_started():
