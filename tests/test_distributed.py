@@ -12,69 +12,19 @@ group if it hangs.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import kaggle_writers as writers  # tests/ is on sys.path under pytest.
 import numpy as np
 import pytest
 import sae_writers
+from processes import describe, free_port, launch, wait_all
 
 from gemma_surgery import config as config_lib
 from gemma_surgery.loading import hf_export, params
 
-TESTS = pathlib.Path(__file__).parent
-WORKER = TESTS / "distributed_worker.py"
+WORKER = pathlib.Path(__file__).parent / "distributed_worker.py"
 TIMEOUT_S = 240
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def launch(args: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
-  """Starts a Python process in its own process group, output to ``log``."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(name, None)
-  with open(log, "wb") as out:
-    return subprocess.Popen(
-      [sys.executable, *args],
-      stdout=out,
-      stderr=subprocess.STDOUT,
-      env=env,
-      start_new_session=True,
-    )
-
-
-def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> list[int | None]:
-  """Exit codes; processes still running after ``timeout_s`` are killed (None)."""
-  deadline = time.monotonic() + timeout_s
-  codes = []
-  for proc in procs:
-    try:
-      codes.append(proc.wait(max(deadline - time.monotonic(), 0.1)))
-    except subprocess.TimeoutExpired:
-      codes.append(None)
-  for proc in procs:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
-  return codes
-
-
-def describe(logs: list[pathlib.Path]) -> str:
-  return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
 
 
 def tiny_config() -> config_lib.GemmaConfig:

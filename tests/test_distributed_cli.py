@@ -9,7 +9,7 @@ from __future__ import annotations
 import pathlib
 
 from conftest import FIXTURES, HF_FIXTURES
-from test_distributed import free_port, launch, wait_all
+from processes import free_port, launch, wait_all
 
 from gemma_surgery import cli
 

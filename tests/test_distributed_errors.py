@@ -13,7 +13,7 @@ import time
 
 import jax
 import pytest
-from test_distributed import free_port, launch, wait_all
+from processes import free_port, launch, wait_all
 
 import gemma_surgery as gs
 from gemma_surgery import errors
