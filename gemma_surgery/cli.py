@@ -5,15 +5,23 @@ Verbs:
   generate SOURCE --prompt TEXT            a continuation (optionally steered)
   sae-features SOURCE --sae S --prompt T   the top SAE features of every token
   info SOURCE                              the model's architecture
+
+Every verb also runs on several processes (hosts), the same command on each:
+``--coordinator HOST:PORT --num-processes N --process-id I [--mesh
+data=2,model=4]`` (or the ``JAX_*`` variables of `gemma_surgery.distributed`;
+nothing on Cloud TPU pods). Only process 0 prints results and writes files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import time
 
 from gemma_surgery import errors
+from gemma_surgery._host import to_numpy
 
 _SOURCE_HELP = (
   "model: 'tiny' (the embedded default), a local path, hf:org/name,"
@@ -44,6 +52,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, help="variant of a Kaggle checkpoint")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path")
 
+  def add_distributed(p):
+    group = p.add_argument_group(
+      "several processes",
+      "run the same command on every process; only process 0 prints and"
+      " writes files (defaults: $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,"
+      " $JAX_PROCESS_ID; Cloud TPU pods need none)",
+    )
+    group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int, default=None)
+    group.add_argument("--process-id", type=int, default=None)
+    group.add_argument(
+      "--mesh",
+      default=None,
+      help="device mesh, e.g. data=2,model=4 (default on several processes:"
+      " model over all devices); every parameter must split over it",
+    )
+    group.add_argument(
+      "--init-timeout",
+      type=int,
+      default=300,
+      help="seconds to wait for the other processes (default 300)",
+    )
+
   def add_sae(p, required: bool):
     p.add_argument(
       "--sae",
@@ -64,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
   add_sae(tour, required=False)
   tour.add_argument("--out", default="gemma_surgery_tour", help="output folder")
   tour.add_argument("--prompt", default=None, help="prompt to analyse")
+  add_distributed(tour)
 
   gen = verbs.add_parser(
     "generate",
@@ -86,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--site", default="resid_post", help="site of --vector")
   gen.add_argument("--layer", type=int, default=None, help="layer of --vector")
   gen.add_argument("--scale", type=float, default=1.0, help="steering scale")
+  add_distributed(gen)
 
   feats = verbs.add_parser(
     "sae-features",
@@ -97,10 +130,29 @@ def _parser() -> argparse.ArgumentParser:
   add_sae(feats, required=True)
   feats.add_argument("--prompt", required=True)
   feats.add_argument("--k", type=int, default=5)
+  add_distributed(feats)
 
   info = verbs.add_parser("info", help="print the architecture")
   add_model(info)
+  add_distributed(info)
   return parser
+
+
+def _start(args):
+  """Joins the multi-process run (if any) and builds the mesh (or None)."""
+  from gemma_surgery import distributed
+
+  info = distributed.initialize(
+    args.coordinator,
+    args.num_processes,
+    args.process_id,
+    timeout_s=args.init_timeout,
+  )
+  if args.mesh is not None:
+    return distributed.make_mesh(args.mesh)
+  if info.process_count > 1:
+    return distributed.make_mesh()
+  return None
 
 
 def _load(args):
@@ -108,15 +160,24 @@ def _load(args):
 
   dtype = args.dtype or ("float32" if args.source == "tiny" else "bfloat16")
   start = time.perf_counter()
-  lm = load(args.source, dtype=dtype, variant=args.variant, tokenizer=args.tokenizer)
+  lm = load(
+    args.source,
+    dtype=dtype,
+    variant=args.variant,
+    tokenizer=args.tokenizer,
+    mesh=args.mesh_,
+    strict_sharding=args.mesh is not None,
+  )
   print(f"loaded {lm.path} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
   return lm
 
 
 def _load_sae(args, lm):
-  from gemma_surgery.sae import load_sae
+  from gemma_surgery.sae import load_sae, shard_sae
 
   enc = load_sae(args.sae, args.sae_path)
+  if args.mesh_ is not None:
+    enc = shard_sae(enc, args.mesh_)
   print(f"SAE: {enc.info}", file=sys.stderr)
   return enc
 
@@ -173,6 +234,7 @@ def _generate(args) -> int:
     seed=args.seed,
     eos_id=lm.config.eos_id,
     tokenizer=lm.tokenizer,
+    mesh=args.mesh_,
   )
   print(args.prompt + out.text[0])
   return 0
@@ -191,7 +253,7 @@ def _sae_features(args) -> int:
   spliced, feats = splice_sae(lm.model, enc, use_error_term=True, capture_features=True)
   ids = lm.tokenizer.encode(args.prompt, add_bos=True)
   jit_forward(spliced)(named_tokens(np.asarray([ids])))
-  acts = np.asarray(feats.value().unwrap("batch", "seq", "latents"))[0]
+  acts = to_numpy(feats.value().unwrap("batch", "seq", "latents"))[0]
   k = max(1, min(args.k, acts.shape[-1]))
   for piece, row in zip(lm.tokenizer.pieces(ids), acts, strict=True):
     top = np.argsort(-row, kind="stable")[:k]
@@ -228,10 +290,21 @@ _VERBS = {
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  where = ""
   try:
-    return _VERBS[args.verb](args)
+    args.mesh_ = _start(args)
+    import jax
+
+    if jax.process_count() > 1:
+      where = f"process {jax.process_index()}: "
+    if jax.process_index() == 0:
+      return _VERBS[args.verb](args)
+    # Other processes compute the same thing; only process 0 reports it.
+    with contextlib.redirect_stdout(io.StringIO()):
+      with contextlib.redirect_stderr(io.StringIO()):
+        return _VERBS[args.verb](args)
   except errors.GemmaSurgeryError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"{where}error: {e}", file=sys.stderr)
     return 2
 
 

@@ -184,6 +184,10 @@ class Prepared:
       return value
     return sharding.shard_tree(value, self.mesh, self.rules)
 
+  def variable_leaves(self, i: int) -> list[Any]:
+    """The placed array leaves of ``self.variables[i]`` as the loop gets them."""
+    return self.leaves[self._offsets[i] : self._offsets[i + 1]]
+
   def current_leaves(self) -> list[Any] | None:
     """The leaves with current parameter/state values (None: must rebuild)."""
     leaves = None

@@ -47,3 +47,7 @@ class SurgeryError(GemmaSurgeryError, ValueError):
 
 class SAEError(GemmaSurgeryError, ValueError):
   """An SAE file, its metadata, or its use doesn't fit (keys, shapes, sizes)."""
+
+
+class DistributedError(GemmaSurgeryError, RuntimeError):
+  """Several processes can't form one run (coordinator, process counts, ids)."""

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from penzai import pz
 
 from gemma_surgery import decoding, errors, sampling, sharding
+from gemma_surgery._host import to_numpy
 from gemma_surgery.generation_inputs import (
   PAD_MARK,
   check_controls,
@@ -155,7 +156,12 @@ def generate(
       whole-run activations, as in ``result.captures``.
     mesh: Shard parameters, KV caches, capture buffers and prompts over this
       mesh by axis name (``batch`` → ``data``, heads/neurons/vocabulary →
-      ``model`` with the default rules).
+      ``model`` with the default rules). It may span several processes
+      (`gemma_surgery.distributed`): every process then calls `generate`
+      with the same prompts and gets the same tokens; captures stay global
+      arrays (``gs.distributed.gather`` brings them to the host). None: the
+      mesh of the model's parameters when they span several processes, else
+      no placement.
     cache_len: KV-cache length (default: prompt length + ``max_new_tokens``).
     sharding_rules: Rules for ``mesh`` (default `sharding.DEFAULT_RULES`).
 
@@ -183,6 +189,9 @@ def generate(
       f" {needed} cache slots; cache_len={cache_len!r} is too short."
     )
   prompt_lengths = (ids != PAD_MARK).sum(axis=1).astype(np.int32)
+  if mesh is None and jax.process_count() > 1:
+    # A model sharded over several processes needs its mesh for the caches.
+    mesh = sharding.spanning_mesh([p.value for p in pz.unbind_params(model)[1]])
   prepared, leaves = decoding.prepare(model, batch, cache_len, mesh, sharding_rules)
   prompt_in, lengths_in = ids, prompt_lengths
   if mesh is not None:
@@ -210,7 +219,11 @@ def generate(
     mode=mode,
   )
   prepared.write_back(out["user_state"])
-  tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+  # Rows may live on other processes: gather them (a collective).
+  tokens, lengths = (
+    to_numpy(out["tokens"]),
+    to_numpy(out["lengths"]),
+  )
   text = None
   if tokenizer is not None:
     tok = as_tokenizer(tokenizer)
@@ -251,7 +264,7 @@ def _captured(
   if not prepared.savers:
     return {}
   if end is None:
-    end = int(out["cache_end"])
+    end = int(to_numpy(out["cache_end"]))
   structure, captured = prepared.structure, {}
   for i, key, buf in zip(
     structure.saver_index, structure.saver_keys, out["captures"], strict=True

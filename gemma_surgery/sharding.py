@@ -28,7 +28,17 @@ Rules = Sequence[tuple[str, str]]
 
 # Megatron-style: MLP neurons, attention heads, the vocabulary and SAE latents
 # split over ``model``; batches over ``data``. MQA models have no kv head axis, so their
-# key/value projections stay replicated.
+# key/value projections stay replicated. What this means for each kind of array:
+#
+#   parameters        q/o: heads (or head_groups, else query_heads) -> model;
+#                     k/v: heads/head_groups -> model (MQA: replicated);
+#                     MLP: neurons -> model; embedder: vocabulary -> model;
+#                     norms: replicated.
+#   KV caches         {batch, seq, heads|head_groups, projection}:
+#                     batch -> data, kv heads -> model (MQA: batch only).
+#   capture buffers   batch -> data, plus the site's heads/neurons -> model.
+#   SAEs              latents -> model (`SAE_RULES`); W_enc, W_dec, b_enc, θ.
+#   prompts, tokens   batch -> data.
 DEFAULT_RULES: Rules = (
   ("batch", "data"),
   ("neurons", "model"),
@@ -38,6 +48,7 @@ DEFAULT_RULES: Rules = (
   ("vocabulary", "model"),
   ("latents", "model"),
 )
+SAE_RULES: Rules = (("latents", "model"),)
 
 
 def make_mesh(
@@ -170,3 +181,30 @@ def shard_model(
     for v in variables
   ]
   return pz.bind_variables(unbound, placed, unfreeze_as_copy=True)
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+  """Measured bytes of a pytree's arrays resident on each local device.
+
+  Sums the shards this process holds (``addressable_shards``); a replicated
+  array counts fully on every device holding a copy.
+  """
+  out: dict[jax.Device, int] = {}
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, jax.Array):
+      for shard in leaf.addressable_shards:
+        out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
+
+
+def spanning_mesh(tree: Any) -> Mesh | None:
+  """The mesh of a pytree's arrays when they span several processes.
+
+  None when every array is local to this process (the single-process case).
+  """
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      placed = leaf.sharding
+      if isinstance(placed, NamedSharding):
+        return placed.mesh
+  return None

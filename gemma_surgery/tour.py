@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 import tqdm.auto as tqdm
 
 from gemma_surgery import analysis, errors, viz
+from gemma_surgery._host import to_numpy
 from gemma_surgery.generate import generate
 from gemma_surgery.loading.api import LoadedModel
 
@@ -35,7 +37,7 @@ class TourContext:
     ids: ``[1, seq]`` its token ids.
     pieces: Display strings of ``ids[0]``.
     report: The report being built.
-    out: Output folder (PNGs go here).
+    out: Output folder (PNGs go here; only process 0 writes, see `run_tour`).
     sae: Optional SAE for the SAE sections.
     pngs: PNG files written so far.
   """
@@ -54,7 +56,7 @@ class TourContext:
     return self.lm.model
 
   def piece_list(self, ids: Any) -> list[str]:
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    ids = [int(i) for i in to_numpy(ids).reshape(-1)]
     if self.lm.tokenizer is None:
       return [str(i) for i in ids]
     return self.lm.tokenizer.pieces(ids)
@@ -63,6 +65,8 @@ class TourContext:
     """Adds a heatmap to the report and saves its PNG as ``name.png``."""
     view = viz.heatmap(values, title=None, **kwargs)
     self.report.add(view, heading=heading)
+    if jax.process_index() != 0:
+      return
     try:
       path = view.save_png(self.out / f"{name}.png")
     except ImportError:  # matplotlib is optional ([notebook] extra)
@@ -167,7 +171,7 @@ def _neuron_activation(ctx: TourContext, layer: int, neuron: int) -> np.ndarray:
 
   patched, acts = capture(ctx.model, "mlp.hidden", [layer])
   jit_forward(patched)(named_tokens(ctx.ids))
-  return np.asarray(acts["mlp.hidden", layer].unwrap("batch", "seq", "neurons"))[
+  return to_numpy(acts["mlp.hidden", layer].unwrap("batch", "seq", "neurons"))[
     0, :, neuron
   ]
 
@@ -302,9 +306,15 @@ def run_tour(
 
   Returns:
     The path of the report.
+
+  On several processes (a model loaded onto a mesh that spans them, see
+  `gemma_surgery.distributed`) every process runs every analysis, and only
+  process 0 writes the files; the others return the same path.
   """
   out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  primary = jax.process_index() == 0
+  if primary:
+    out.mkdir(parents=True, exist_ok=True)
   prompt = DEFAULT_PROMPT if prompt is None else prompt
   if lm.tokenizer is None:
     raise errors.TokenizerError(
@@ -332,4 +342,6 @@ def run_tour(
     start = time.perf_counter()
     section(ctx)
     ctx.report.text(f"({name}: {time.perf_counter() - start:.1f} s)")
+  if not primary:
+    return out / "report.html"
   return ctx.report.save(out / "report.html")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from gemma_surgery import viz
+from gemma_surgery._host import to_numpy
 from gemma_surgery.analysis.inputs import named_tokens
 from gemma_surgery.generate import generate
 from gemma_surgery.run import jit_forward
@@ -30,7 +31,7 @@ def _features(model: Any, sae: Any, ids: np.ndarray) -> tuple[np.ndarray, Any, A
   spliced, feats = splice_sae(model, sae, use_error_term=True, capture_features=True)
   captured, acts = capture(spliced, sae.info.site, [sae.info.layer])
   logits = jit_forward(captured)(named_tokens(ids))
-  f = np.asarray(feats.value().unwrap("batch", "seq", "latents"))
+  f = to_numpy(feats.value().unwrap("batch", "seq", "latents"))
   return f, acts[sae.info.site, sae.info.layer], logits
 
 

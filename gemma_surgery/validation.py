@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from gemma_surgery._host import to_numpy
 from gemma_surgery.errors import InputError
 
 _MAX_SHOWN = 5
@@ -52,12 +53,12 @@ def to_host_array(x: Any) -> tuple[np.ndarray, tuple[str, ...] | None]:
       "concrete ids before entering the transformed function"
     )
   if not _is_named_array(x):
-    return np.asarray(x), None
+    return to_numpy(x), None
   prefixed = x.with_positional_prefix()
   n_pos = len(prefixed.positional_shape)
   labels = tuple(f"<pos{i}>" for i in range(n_pos))
   labels += tuple(str(name) for name in prefixed.named_axes)
-  return np.asarray(prefixed.data_array), labels
+  return to_numpy(prefixed.data_array), labels
 
 
 def _format_position(index: tuple[int, ...], labels: tuple[str, ...] | None) -> str:

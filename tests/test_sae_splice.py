@@ -332,6 +332,28 @@ def test_fused_generation_with_left_padding():
   np.testing.assert_array_equal(predicted[1, 7:11], new[1])
 
 
+def test_feature_captures_cover_a_whole_generation():
+  """capture_features under `gs.generate`: the features of every prompt and
+  generated position equal those of one forward pass over the sequence."""
+  sae, _ = _sae("gemma2", "res", 1)
+  edits = feature_edits(sae, clamp={3: 2.0})
+  spliced, feats = splice_sae(
+    _model("gemma2"), sae, use_error_term=True, capture_features=True, edits=edits
+  )
+  prompt = _tokens(11, 2, 6)
+  out = gs.generate(spliced, prompt, max_new_tokens=4)
+  during = np.asarray(out.captures["sae.features", 1].unwrap("batch", "seq", "latents"))
+  np.testing.assert_array_equal(
+    during, np.asarray(feats.value().unwrap("batch", "seq", "latents"))
+  )
+  full = np.concatenate([prompt, out.tokens], axis=1)
+  spliced(_named(full))
+  forward = np.asarray(feats.value().unwrap("batch", "seq", "latents"))
+  assert during.shape == forward.shape == (2, 10, W.WIDTH)
+  assert (forward[:, 1:] > 0).any()
+  np.testing.assert_allclose(during, forward, atol=1e-4, rtol=0)
+
+
 # --- Unpatch, sharding --------------------------------------------------------------
 
 

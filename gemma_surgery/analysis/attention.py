@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_surgery import errors, interventions, sites
+from gemma_surgery._host import to_numpy
 from gemma_surgery.analysis.inputs import named_tokens, run_frozen, token_batch
 from gemma_surgery.run import jit_forward
 from gemma_surgery.surgery import capture
@@ -36,7 +37,7 @@ def attention_patterns(
   jit_forward(patched)(named_tokens(ids))
   return np.stack(
     [
-      np.asarray(acts["attn.pattern", i].unwrap("batch", "heads", "seq", "kv_seq"))
+      to_numpy(acts["attn.pattern", i].unwrap("batch", "heads", "seq", "kv_seq"))
       for i in chosen
     ]
   )
@@ -73,7 +74,7 @@ def _score(pattern: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def previous_token_scores(pattern: np.ndarray, tokens: np.ndarray) -> np.ndarray:
   """``[layer, heads]`` mean attention to the previous position (queries ≥ 1)."""
-  batch, seq = np.asarray(tokens).shape
+  batch, seq = to_numpy(tokens).shape
   targets = np.zeros((batch, seq, seq), bool)
   targets[:, np.arange(1, seq), np.arange(seq - 1)] = True
   return _score(pattern, targets)
@@ -81,7 +82,7 @@ def previous_token_scores(pattern: np.ndarray, tokens: np.ndarray) -> np.ndarray
 
 def duplicate_token_scores(pattern: np.ndarray, tokens: np.ndarray) -> np.ndarray:
   """``[layer, heads]`` mean attention to earlier copies of the query token."""
-  tokens = np.asarray(tokens)
+  tokens = to_numpy(tokens)
   seq = tokens.shape[1]
   same = tokens[:, :, None] == tokens[:, None, :]
   earlier = np.tril(np.ones((seq, seq), bool), -1)
@@ -90,7 +91,7 @@ def duplicate_token_scores(pattern: np.ndarray, tokens: np.ndarray) -> np.ndarra
 
 def induction_targets(tokens: np.ndarray) -> np.ndarray:
   """``[batch, query, key]``: keys j ≤ q with ``tokens[j − 1] == tokens[q]``."""
-  tokens = np.asarray(tokens)
+  tokens = to_numpy(tokens)
   batch, seq = tokens.shape
   targets = np.zeros((batch, seq, seq), bool)
   targets[:, :, 1:] = tokens[:, :, None] == tokens[:, None, :-1]
@@ -140,7 +141,7 @@ def token_losses(model: Any, tokens: Any, *, tokenizer: Any = None) -> np.ndarra
   The model must not hold captures (use it before `gemma_surgery.capture`).
   """
   ids = token_batch(model, tokens, tokenizer)
-  return np.asarray(run_frozen(model, _token_losses, named_tokens(ids)))
+  return to_numpy(run_frozen(model, _token_losses, named_tokens(ids)))
 
 
 @dataclasses.dataclass(frozen=True)

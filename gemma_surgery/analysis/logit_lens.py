@@ -20,6 +20,7 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors, sites
+from gemma_surgery._host import to_numpy
 from gemma_surgery.analysis.inputs import named_tokens, token_batch
 from gemma_surgery.analysis.readout import readout_head
 from gemma_surgery.run import jit_forward
@@ -117,15 +118,15 @@ def logit_lens(
   ).astype(jnp.float32)
   head = pz.freeze_params(readout_head(model))
   top_ids, top_probs = _decode_stages(head, stages, k)
-  resid = np.asarray(stages, np.float64)
+  resid = to_numpy(stages, np.float64)
   change = np.full(resid.shape[:3], np.nan)
   change[1:] = _one_minus_cos(resid[:-1], resid[1:])
-  final = np.asarray(acts["logits"].unwrap("batch", "seq", "vocabulary")).argmax(-1)
+  final = to_numpy(acts["logits"].unwrap("batch", "seq", "vocabulary")).argmax(-1)
   return LogitLens(
     labels=labels,
     tokens=ids,
-    top_ids=np.asarray(top_ids),
-    top_probs=np.asarray(top_probs),
+    top_ids=to_numpy(top_ids),
+    top_probs=to_numpy(top_probs),
     change=change,
     final_ids=final,
   )

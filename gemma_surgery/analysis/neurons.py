@@ -15,6 +15,7 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors, interventions, sites
+from gemma_surgery._host import to_numpy
 from gemma_surgery.analysis.inputs import named_tokens, token_batch
 from gemma_surgery.analysis.readout import readout_head, top_tokens
 from gemma_surgery.run import jit_forward
@@ -62,8 +63,8 @@ def top_neurons(
   return TopNeurons(
     layers=chosen,
     tokens=ids,
-    ids=np.stack([np.asarray(i.unwrap(*axes)) for i in indices]),
-    values=np.stack([np.asarray(v.unwrap(*axes)) for v in values]),
+    ids=np.stack([to_numpy(i.unwrap(*axes)) for i in indices]),
+    values=np.stack([to_numpy(v.unwrap(*axes)) for v in values]),
   )
 
 
@@ -133,7 +134,7 @@ def neuron_tokens(
   for kind in _WEIGHTS:
     direction = neuron_weights(model, layer, kind)[{"neurons": int(neuron)}]
     logits = head(direction.astype(jnp.float32)).unwrap("vocabulary")
-    logits = np.asarray(logits, np.float64)
+    logits = to_numpy(logits, np.float64)
     top[kind] = top_tokens(logits, k, tokenizer)
     ids, values, pieces = top_tokens(-logits, k, tokenizer)
     bottom[kind] = (ids, -values, pieces)

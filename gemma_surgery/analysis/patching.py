@@ -22,6 +22,7 @@ import tqdm.auto as tqdm
 from penzai import pz
 
 from gemma_surgery import errors, sites
+from gemma_surgery._host import to_numpy
 from gemma_surgery.analysis.inputs import (
   call_model,
   named_tokens,
@@ -100,7 +101,7 @@ class PatchingResult:
 
 def _metric(model: Any, metric: Metric, ids: np.ndarray) -> float:
   return float(
-    np.asarray(run_frozen(model, _MetricOfModel(metric), named_tokens(ids)))[0]
+    to_numpy(run_frozen(model, _MetricOfModel(metric), named_tokens(ids)))[0]
   )
 
 
@@ -175,7 +176,7 @@ def patching_sweep(
     model_chunk = _patched(model, site, chosen, values, part, chunk_size, by, width)
     tokens = np.repeat(bad_ids, chunk_size, axis=0)
     out = run_frozen(model_chunk, _MetricOfModel(metric), named_tokens(tokens))
-    scores[start : start + len(part)] = np.asarray(out)[: len(part)]
+    scores[start : start + len(part)] = to_numpy(out)[: len(part)]
   return PatchingResult(
     site=site,
     by=by,

@@ -14,6 +14,7 @@ from penzai import pz
 from penzai.models.transformer import model_parts
 
 from gemma_surgery import errors
+from gemma_surgery._host import to_numpy
 from gemma_surgery.layers.base import SurgeryLayer
 
 
@@ -47,7 +48,7 @@ def top_tokens(
     ``(ids, values, pieces)``: ``pieces`` are display strings of the ids when
     ``tokenizer`` is given (else None).
   """
-  logits = np.asarray(logits)
+  logits = to_numpy(logits)
   if not 1 <= k <= logits.shape[-1]:
     raise errors.InputError(f"k={k} must be in 1..{logits.shape[-1]}.")
   ids = np.argsort(-logits, kind="stable")[:k]

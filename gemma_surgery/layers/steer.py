@@ -10,6 +10,7 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors
+from gemma_surgery._host import to_numpy
 from gemma_surgery.layers import base
 
 
@@ -74,5 +75,5 @@ def check_finite(name: str, value: Any) -> None:
   data = value.data_array if isinstance(value, pz.nx.NamedArray) else value
   if isinstance(data, jax.core.Tracer):
     return
-  if not np.all(np.isfinite(np.asarray(data))):
+  if not np.all(np.isfinite(to_numpy(data))):
     raise errors.SurgeryError(f"{name} contains NaN or infinite values.")

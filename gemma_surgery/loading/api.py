@@ -130,6 +130,7 @@ def load(
   config: config_lib.GemmaConfig | None = None,
   mesh: jax.sharding.Mesh | None = None,
   sharding_rules: sharding.Rules | None = None,
+  strict_sharding: bool = False,
   tokenizer: Any = None,
   cache_dir: str | None = None,
   progress: bool = True,
@@ -151,8 +152,16 @@ def load(
       a size that matches no published variant. Overrides ``variant`` and a
       Hugging Face ``config.json``; its dtypes are replaced by ``dtype`` /
       ``activation_dtype``. Shapes are still checked against it.
-    mesh: Shard parameters over this mesh by axis name while loading.
+    mesh: Shard parameters over this mesh by axis name while loading. The
+      mesh may span several processes (`gemma_surgery.distributed`): each
+      process then reads only the slices its own devices hold (safetensors
+      slices, or an orbax restore with the target shardings), so no process
+      holds the whole model.
     sharding_rules: Axis-name rules (default `sharding.DEFAULT_RULES`).
+    strict_sharding: With ``mesh``: raise `ShardingError` before reading any
+      weight if some parameter that a rule would shard over a mesh axis
+      cannot be split over it (its axis sizes don't divide) and would be
+      replicated instead (`gemma_surgery.distributed.check_mesh`).
     tokenizer: A tokenizer path or object to use instead of the checkpoint's
       ``tokenizer.model`` (any object with ``encode``/``decode``, including the
       ``gemma`` package's tokenizers).
@@ -172,21 +181,42 @@ def load(
     if config is None:
       config = hf_config.config_from_hf(hf_config.read_config_json(path))
     config = config.replace(parameter_dtype=dtype, activation_dtype=activation_dtype)
-    canonical = hf.read_hf_params(path, config, progress=progress)
+    if mesh is None:
+      canonical = hf.read_hf_params(path, config, progress=progress)
+      model = params.bind_parameters(config, canonical, source=str(path))
+    else:
+      if strict_sharding:
+        _check_mesh(config, mesh, sharding_rules)
+      with hf.open_hf_params(path, config) as lazy:
+        model = params.bind_parameters(
+          config,
+          lazy,
+          source=str(path),
+          mesh=mesh,
+          sharding_rules=sharding_rules,
+          progress=progress,
+        )
   else:
     # orbax is slow to import; only Kaggle/Flax checkpoints need it.
     from gemma_surgery.loading import kaggle
 
-    config, canonical = kaggle.read_kaggle_checkpoint(
-      path,
+    kwargs = dict(
       variant=variant,
       config=config,
       parameter_dtype=dtype,
       activation_dtype=activation_dtype,
     )
-  model = params.bind_parameters(
-    config, canonical, source=str(path), mesh=mesh, sharding_rules=sharding_rules
-  )
+    if mesh is None:
+      config, canonical = kaggle.read_kaggle_checkpoint(path, **kwargs)
+      model = params.bind_parameters(config, canonical, source=str(path))
+    else:
+      from gemma_surgery.loading import kaggle_sharded
+
+      check = _check_mesh if strict_sharding else None
+      config, arrays = kaggle_sharded.restore_sharded(
+        path, mesh=mesh, rules=sharding_rules, check=check, progress=progress, **kwargs
+      )
+      model = params.bind_named(config, arrays)
   found = _load_tokenizer(tokenizer, path)
   if found is not None and found.vocab_size > config.vocab_size:
     raise errors.TokenizerError(
@@ -195,6 +225,12 @@ def load(
       " checkpoint's own tokenizer.model."
     )
   return LoadedModel(model=model, config=config, tokenizer=found, path=path)
+
+
+def _check_mesh(config, mesh, rules) -> None:
+  from gemma_surgery import distributed  # distributed imports this package
+
+  distributed.check_mesh(config, mesh, rules)
 
 
 def _load_tokenizer(tokenizer: Any, path: pathlib.Path) -> GemmaTokenizer | None:

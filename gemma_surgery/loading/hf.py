@@ -26,16 +26,19 @@ names of `gemma_surgery.loading.params`::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import ml_dtypes  # registers bfloat16 with numpy (safetensors' BF16)
 import numpy as np
 import safetensors
 from tqdm.auto import tqdm
 
 from gemma_surgery import errors
 from gemma_surgery.config import GemmaConfig
+from gemma_surgery.loading.placement import Index, LazyArray
 
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 
@@ -167,3 +170,122 @@ def read_hf_params(
       ) from e
   bar.close()
   return params
+
+
+_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+}
+
+
+def _layout(name: str, shape: tuple[int, ...], config: GemmaConfig) -> str:
+  """How a tensor maps to its canonical layout (see `_to_canonical_layout`)."""
+  h, d = config.head_dim, config.embedding_dim
+  leaf = name.split("/", 1)[-1]
+  if leaf in ("attn/q", "attn/k", "attn/v"):
+    ok = len(shape) == 2 and shape[0] % h == 0 and shape[1] == d
+    return "qkv" if ok else "same"
+  if leaf == "attn/o":
+    ok = len(shape) == 2 and shape[1] % h == 0 and shape[0] == d
+    return "o" if ok else "same"
+  return "mlp" if leaf.startswith("mlp/") else "same"
+
+
+def _lazy(name: str, tensor, path: pathlib.Path, config: GemmaConfig) -> LazyArray:
+  """A `LazyArray` over one safetensors tensor (``safe_open(...).get_slice``).
+
+  Only the rows/columns of the requested canonical slice are read: heads map
+  to row (q/k/v) or column (o) ranges of ``head_dim`` rows each, MLP slices to
+  the transposed ranges.
+  """
+  shape = tuple(int(n) for n in tensor.get_shape())
+  stored = tensor.get_dtype()
+  if stored not in _DTYPES:
+    raise errors.CheckpointError(
+      f"{path}: tensor for {name!r} has dtype {stored}; expected one of"
+      f" {sorted(_DTYPES)}."
+    )
+  layout, h = _layout(name, shape, config), config.head_dim
+
+  def get(index: tuple) -> np.ndarray:
+    try:
+      return tensor[index]
+    except safetensors.SafetensorError as e:
+      raise errors.CheckpointError(
+        f"Cannot read {name!r} from {path}: {e}. The file may be truncated or"
+        " corrupt; delete it and download again."
+      ) from e
+
+  if layout == "qkv":  # [N*H, D] -> [N, D, H]
+    canonical = (shape[0] // h, shape[1], h)
+
+    def read(index: Index) -> np.ndarray:
+      n, dd, hh = index
+      rows = get((slice(n.start * h, n.stop * h), dd))
+      return rows.reshape(n.stop - n.start, h, -1).transpose(0, 2, 1)[:, :, hh]
+
+  elif layout == "o":  # [D, N*H] -> [N, H, D]
+    canonical = (shape[1] // h, h, shape[0])
+
+    def read(index: Index) -> np.ndarray:
+      n, hh, dd = index
+      cols = get((dd, slice(n.start * h, n.stop * h)))
+      return cols.reshape(-1, n.stop - n.start, h).transpose(1, 2, 0)[:, hh, :]
+
+  elif layout == "mlp":  # [out, in] -> [in, out]
+    canonical = shape[::-1]
+
+    def read(index: Index) -> np.ndarray:
+      return get(index[::-1]).T
+
+  else:
+    canonical = shape
+
+    def read(index: Index) -> np.ndarray:
+      return get(index)
+
+  return LazyArray(shape=canonical, dtype=np.dtype(_DTYPES[stored]), read=read)
+
+
+@contextlib.contextmanager
+def open_hf_params(
+  directory: str | pathlib.Path,
+  config: GemmaConfig,
+  *,
+  keep: Callable[[str], bool] | None = None,
+) -> Iterator[dict[str, LazyArray]]:
+  """The checkpoint's text weights as canonical `LazyArray` s; reads nothing.
+
+  Only the safetensors headers are parsed here; the files stay open (memory
+  mapped) until the ``with`` block ends, and each `LazyArray.read` reads just
+  its slice (``safe_open(...).get_slice``). `params.bind_parameters` with a
+  mesh uses them so that each process reads only its devices' shards.
+
+  Args:
+    directory: Folder with ``*.safetensors`` (and optionally the index).
+    config: The architecture (from ``config.json``), used for the layout.
+    keep: Optional filter on canonical names.
+
+  Raises:
+    CheckpointError: Missing or corrupt files.
+  """
+  directory = pathlib.Path(directory)
+  files = safetensors_files(directory)
+  with contextlib.ExitStack() as stack:
+    params: dict[str, LazyArray] = {}
+    for path in files:
+      try:
+        f = stack.enter_context(safetensors.safe_open(str(path), framework="numpy"))
+        for hf_name in f.keys():
+          name = _canonical_name(hf_name, config.family)
+          if name is None or (keep is not None and not keep(name)):
+            continue
+          params[name] = _lazy(name, f.get_slice(hf_name), path, config)
+      except safetensors.SafetensorError as e:
+        raise errors.CheckpointError(
+          f"Cannot read {path}: {e}. The file may be truncated or corrupt;"
+          " delete it and download again."
+        ) from e
+    yield params

@@ -25,8 +25,10 @@ not supported.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,9 +44,11 @@ from gemma_surgery.loading.kaggle_config import (
 )
 
 __all__ = [
+  "OpenPlan",
   "find_checkpoint_dir",
   "infer_config_from_kaggle",
   "needs_gating_transpose",
+  "open_plan",
   "read_kaggle_checkpoint",
 ]
 
@@ -251,6 +255,54 @@ def read_kaggle_checkpoint(
       truncated data, missing weights or layers, or shapes that don't fit.
     ConfigError: Unknown variant or dtype, or no variant and no preset matches.
   """
+  with open_plan(
+    path,
+    variant=variant,
+    config=config,
+    parameter_dtype=parameter_dtype,
+    activation_dtype=activation_dtype,
+  ) as opened:
+    paths = list(dict.fromkeys(ref.path for ref, _ in opened.plan.values()))
+    arrays = _restore(opened.handler, opened.directory, opened.tree, paths, progress)
+  config, plan, source = opened.config, opened.plan, str(opened.directory)
+  result = {name: fn(ref.take(arrays[ref.path])) for name, (ref, fn) in plan.items()}
+  canonical.check_canonical(config, result, source)
+  return config, result
+
+
+@dataclasses.dataclass
+class OpenPlan:
+  """An opened checkpoint whose shapes were checked; nothing read yet.
+
+  Attributes:
+    directory: The orbax checkpoint folder.
+    handler: The orbax ``PyTreeCheckpointHandler`` (closed on exit).
+    tree: The orbax tree metadata.
+    config: The architecture (given or inferred), with the requested dtypes.
+    plan: Canonical name -> (`kaggle_layout.Ref`, `kaggle_layout.Part`).
+  """
+
+  directory: pathlib.Path
+  handler: Any
+  tree: Mapping
+  config: GemmaConfig
+  plan: dict[str, tuple[kaggle_layout.Ref, kaggle_layout.Part]]
+
+
+@contextlib.contextmanager
+def open_plan(
+  path: str | pathlib.Path,
+  *,
+  variant: str | None,
+  config: GemmaConfig | None,
+  parameter_dtype: str,
+  activation_dtype: str | None,
+) -> Iterator[OpenPlan]:
+  """Step 1 of the module docstring: metadata, layout, config, shape checks.
+
+  Raises:
+    CheckpointError, ConfigError: See `read_kaggle_checkpoint`.
+  """
   directory = find_checkpoint_dir(path)
   source = str(directory)
   import orbax.checkpoint as ocp  # Slow import; only needed here.
@@ -269,10 +321,6 @@ def read_kaggle_checkpoint(
     plan = kaggle_layout.canonical_plan(entries, config, transpose, source)
     proxies = {name: fn(ref.proxy()) for name, (ref, fn) in plan.items()}
     canonical.check_canonical(config, proxies, source)
-    paths = list(dict.fromkeys(ref.path for ref, _ in plan.values()))
-    arrays = _restore(handler, directory, tree, paths, progress)
+    yield OpenPlan(directory, handler, tree, config, plan)
   finally:
     handler.close()
-  result = {name: fn(ref.take(arrays[ref.path])) for name, (ref, fn) in plan.items()}
-  canonical.check_canonical(config, result, source)
-  return config, result

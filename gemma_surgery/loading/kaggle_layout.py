@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,6 @@ from gemma_surgery import errors
 from gemma_surgery.config import GemmaConfig
 
 TreePath = tuple[str, ...]
-Transform = Callable[[np.ndarray], np.ndarray]
 
 _PARAM_NAMES = ("w", "scale")
 _STACKED = re.compile(r"^stacked_layers/(?:attention_type_(\d+)/)?(.+)$")
@@ -209,16 +208,41 @@ def gating_is_transposed(
   )
 
 
-def _same(a: np.ndarray) -> np.ndarray:
-  return a
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """Makes a canonical array from a module's weight ``w`` (hashable, so it can
+  be a static argument of ``jax.jit``; works on numpy and jax arrays).
+
+  Attributes:
+    index: Take ``w[index]`` of a fused weight; None: ``w`` itself.
+    transpose: Then transpose it.
+    add_axis: Then add a leading axis of size 1 (squeezed MQA kv).
+  """
+
+  index: int | None = None
+  transpose: bool = False
+  add_axis: bool = False
+
+  def __call__(self, a: Any) -> Any:
+    out = a if self.index is None else a[self.index]
+    out = out.T if self.transpose else out
+    return out[None] if self.add_axis else out
+
+  def stored_spec(self, spec: tuple) -> tuple:
+    """Mesh axes of the weight's dims, given those of the canonical array's."""
+    spec = tuple(spec)
+    if self.add_axis:
+      spec = spec[1:]
+    if self.transpose:
+      spec = spec[::-1]
+    return spec if self.index is None else (None, *spec)
 
 
-def _part(i: int, *, transpose: bool = False, add_axis: bool = False) -> Transform:
-  def take(a: np.ndarray) -> np.ndarray:
-    out = a[i].T if transpose else a[i]
-    return out[None] if add_axis else out
+_same = Part()
 
-  return take
+
+def _part(i: int, *, transpose: bool = False, add_axis: bool = False) -> Part:
+  return Part(i, transpose, add_axis)
 
 
 def canonical_plan(
@@ -226,7 +250,7 @@ def canonical_plan(
   config: GemmaConfig,
   transpose_gating: bool,
   source: str,
-) -> dict[str, tuple[Ref, Transform]]:
+) -> dict[str, tuple[Ref, Part]]:
   """How to build each canonical parameter from the checkpoint's modules.
 
   Args:

@@ -30,12 +30,15 @@ name                                shape        meaning
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
+from tqdm.auto import tqdm
 
 from gemma_surgery import build, errors, sharding
 from gemma_surgery.config import GemmaConfig
@@ -98,119 +101,199 @@ def check_canonical(
       )
 
 
-def _one_plus(weight: np.ndarray) -> np.ndarray:
-  """Gemma RMSNorm applies ``1 + w``; add in float32, before any cast."""
-  return 1.0 + np.asarray(weight, dtype=np.float32)
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """How one Penzai parameter is made from one canonical array.
+
+  Attributes:
+    canonical: The canonical name it is made from.
+    axes: Its Penzai axis names, in storage order.
+    kind: ``"same"`` (the canonical array as is), ``"norm"`` (``1 + w``,
+      added in float32 before any cast: Gemma's RMSNorm applies ``1 + w``),
+      ``"heads"`` (the leading canonical head axis split into Penzai's head
+      axes of sizes ``head_sizes``), or ``"drop"`` (multi-query attention:
+      the leading kv-head axis of size 1 removed).
+    head_sizes: Sizes of the Penzai head axes for ``"heads"``.
+  """
+
+  canonical: str
+  axes: tuple[str, ...]
+  kind: str = "same"
+  head_sizes: tuple[int, ...] = ()
+
+  def apply(self, value: Any) -> Any:
+    """The Penzai array from the canonical one (numpy or jax, any dtype)."""
+    if self.kind == "norm":
+      return 1.0 + value.astype(np.float32)
+    if self.kind == "heads":
+      return value.reshape(self.head_sizes + tuple(value.shape[1:]))
+    if self.kind == "drop":
+      return value[0]
+    return value
+
+  def shape(self, canonical_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Penzai shape for a canonical shape."""
+    if self.kind == "heads":
+      return self.head_sizes + tuple(canonical_shape[1:])
+    if self.kind == "drop":
+      return tuple(canonical_shape[1:])
+    return tuple(canonical_shape)
+
+  def canonical_spec(self, spec: tuple) -> tuple:
+    """Mesh axes of the canonical dims, given those of the Penzai dims.
+
+    A split head axis takes the mesh axis of whichever Penzai head axis is
+    sharded (the first one when several are).
+    """
+    spec = tuple(spec) + (None,) * (len(self.axes) - len(spec))
+    if self.kind == "heads":
+      k = len(self.head_sizes)
+      used = [axis for axis in spec[:k] if axis is not None]
+      return (used[0] if used else None, *spec[k:])
+    if self.kind == "drop":
+      return (None, *spec)
+    return spec
 
 
-def _split_heads(arr: np.ndarray, config: GemmaConfig, axis: int) -> tuple:
-  """Reshapes a flat query-head axis into Penzai's head axes."""
+def penzai_targets(config: GemmaConfig) -> dict[str, Target]:
+  """Every Penzai parameter label of ``config`` and how to make it."""
   common, q_only = build.head_axes(config)
-  sizes = (*common.values(), *q_only.values())
-  shape = arr.shape[:axis] + sizes + arr.shape[axis + 1 :]
-  return arr.reshape(shape), (*common, *q_only)
+  q_axes, q_sizes = (*common, *q_only), (*common.values(), *q_only.values())
+  out = {
+    "embedder.embeddings": Target("embedder", ("vocabulary", "embedding")),
+    "final_norm/scale.weights": Target("final_norm", ("embedding",), "norm"),
+  }
+  for i in range(config.num_layers):
+    src, dst = f"layer_{i}", f"block_{i}"
+    norms = ["pre_attention_norm", "pre_ffw_norm"]
+    if config.use_post_attn_norm:
+      norms.insert(1, "post_attention_norm")
+    if config.use_post_ffw_norm:
+      norms.append("post_ffw_norm")
+    for norm in norms:
+      out[f"{dst}/{norm}/scale.weights"] = Target(
+        f"{src}/{norm}", ("embedding",), "norm"
+      )
+    out[f"{dst}/attention/query.weights"] = Target(
+      f"{src}/attn/q", (*q_axes, "embedding", "projection"), "heads", q_sizes
+    )
+    for name, label in (("k", "key"), ("v", "value")):
+      # MQA: the single kv head has no axis.
+      kind = "same" if common else "drop"
+      out[f"{dst}/attention/{label}.weights"] = Target(
+        f"{src}/attn/{name}", (*common, "embedding", "projection"), kind
+      )
+    out[f"{dst}/attention/output.weights"] = Target(
+      f"{src}/attn/o", (*q_axes, "projection", "embedding"), "heads", q_sizes
+    )
+    if config.use_qk_norm:
+      for name in ("query_norm", "key_norm"):
+        out[f"{dst}/attention/{name}/scale.weights"] = Target(
+          f"{src}/attn/{name}", ("projection",), "norm"
+        )
+    out[f"{dst}/mlp/gating_linear.weights"] = Target(
+      f"{src}/mlp/gate", ("embedding", "neurons")
+    )
+    out[f"{dst}/mlp/value_linear.weights"] = Target(
+      f"{src}/mlp/up", ("embedding", "neurons")
+    )
+    out[f"{dst}/mlp/out_linear.weights"] = Target(
+      f"{src}/mlp/down", ("neurons", "embedding")
+    )
+  return out
 
 
-def _kv_heads(arr: np.ndarray, config: GemmaConfig) -> tuple:
-  common, _ = build.head_axes(config)
-  if not common:  # MQA: the single kv head has no axis.
-    return arr[0], ()
-  return arr, tuple(common)
+def penzai_shapes(config: GemmaConfig) -> dict[str, dict[str, int]]:
+  """Every Penzai parameter's named shape (axis name -> size), in order."""
+  shapes = expected_shapes(config)
+  return {
+    label: dict(zip(t.axes, t.shape(shapes[t.canonical]), strict=True))
+    for label, t in penzai_targets(config).items()
+  }
 
 
 def to_penzai(
   config: GemmaConfig, params: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
   """Maps canonical arrays to Penzai labels with their axis names."""
-  out = {
-    "embedder.embeddings": (params["embedder"], ("vocabulary", "embedding")),
-    "final_norm/scale.weights": (_one_plus(params["final_norm"]), ("embedding",)),
+  return {
+    label: (t.apply(np.asarray(params[t.canonical])), t.axes)
+    for label, t in penzai_targets(config).items()
   }
-  for i in range(config.num_layers):
-    src, dst = f"layer_{i}", f"block_{i}"
-    for norm in (
-      "pre_attention_norm",
-      "post_attention_norm",
-      "pre_ffw_norm",
-      "post_ffw_norm",
-    ):
-      if f"{src}/{norm}" in params:
-        value = _one_plus(params[f"{src}/{norm}"])
-        out[f"{dst}/{norm}/scale.weights"] = (value, ("embedding",))
-    q, q_axes = _split_heads(params[f"{src}/attn/q"], config, 0)
-    out[f"{dst}/attention/query.weights"] = (
-      q,
-      (*q_axes, "embedding", "projection"),
-    )
-    for name, label in (("k", "key"), ("v", "value")):
-      arr, axes = _kv_heads(params[f"{src}/attn/{name}"], config)
-      out[f"{dst}/attention/{label}.weights"] = (
-        arr,
-        (*axes, "embedding", "projection"),
-      )
-    o, o_axes = _split_heads(params[f"{src}/attn/o"], config, 0)
-    out[f"{dst}/attention/output.weights"] = (
-      o,
-      (*o_axes, "projection", "embedding"),
-    )
-    for name in ("query_norm", "key_norm"):
-      if f"{src}/attn/{name}" in params:
-        value = _one_plus(params[f"{src}/attn/{name}"])
-        out[f"{dst}/attention/{name}/scale.weights"] = (value, ("projection",))
-    out[f"{dst}/mlp/gating_linear.weights"] = (
-      params[f"{src}/mlp/gate"],
-      ("embedding", "neurons"),
-    )
-    out[f"{dst}/mlp/value_linear.weights"] = (
-      params[f"{src}/mlp/up"],
-      ("embedding", "neurons"),
-    )
-    out[f"{dst}/mlp/out_linear.weights"] = (
-      params[f"{src}/mlp/down"],
-      ("neurons", "embedding"),
-    )
-  return out
+
+
+def bind_named(
+  config: GemmaConfig, arrays: Mapping[str, pz.nx.NamedArray]
+) -> build.GemmaTransformerLM:
+  """Builds the model for ``config`` with already placed Penzai parameters.
+
+  Args:
+    config: The architecture.
+    arrays: Penzai label (`penzai_targets`) -> NamedArray.
+  """
+  variables = [
+    pz.Parameter(value=value, label=f"transformer/{label}")
+    for label, value in arrays.items()
+  ]
+  model = pz.bind_variables(build.build_model(config, None), variables)
+  pz.nn.assert_no_parameter_slots(model)
+  return model
 
 
 def bind_parameters(
   config: GemmaConfig,
-  params: Mapping[str, np.ndarray],
+  params: Mapping[str, Any],
   *,
   source: str = "checkpoint",
   mesh: jax.sharding.Mesh | None = None,
   sharding_rules: sharding.Rules | None = None,
+  strict: bool = False,
+  progress: bool = False,
 ) -> build.GemmaTransformerLM:
   """Builds the model for ``config`` and binds canonical parameters to it.
 
-  Each array is converted to ``config.parameter_dtype`` on the host and placed
-  on the devices once: replicated on the default device, or, given a
-  ``mesh``, directly with a ``NamedSharding`` chosen from its axis names (see
-  `gemma_surgery.sharding`).
+  Without a mesh, each array is converted to ``config.parameter_dtype`` on
+  the host and placed on the default device once. With a ``mesh`` (which may
+  span several processes), each parameter is built with
+  ``jax.make_array_from_callback`` and a ``NamedSharding`` chosen from its
+  axis names (see `gemma_surgery.sharding`): every process reads and
+  converts only the slices its own devices hold (`loading.placement`), so no
+  process materializes the whole model.
 
   Args:
     config: The architecture.
-    params: Canonical parameters (see the module docstring).
+    params: Canonical parameters (see the module docstring): numpy arrays,
+      or, with a mesh, `placement.LazyArray` s read slice by slice.
     source: Where the parameters came from, for error messages.
     mesh: Optional device mesh to shard the parameters over.
     sharding_rules: Axis-name rules for ``mesh`` (default:
       `sharding.DEFAULT_RULES`).
+    strict: With ``mesh``: raise `ShardingError` when a rule's axis doesn't
+      divide its mesh axis, instead of replicating that axis.
+    progress: With ``mesh``: a progress bar over parameters.
 
   Returns:
     The bound model.
 
   Raises:
     CheckpointError: If names or shapes don't match the config.
+    ShardingError: Rules naming axes the mesh lacks; ``strict`` divisibility.
   """
   check_canonical(config, params, source)
   dtype = jnp.dtype(config.parameter_dtype)
-  variables = []
+  if mesh is not None:
+    from gemma_surgery.loading import placement  # imports this module
+
+    targets = penzai_targets(config)
+    with tqdm(
+      total=len(targets), desc="Placing parameters", unit="array", disable=not progress
+    ) as bar:
+      arrays = placement.place_all(
+        targets, params, mesh, dtype, sharding_rules, strict=strict, progress=bar.update
+      )
+    return bind_named(config, arrays)
+  arrays = {}
   for label, (value, axes) in to_penzai(config, params).items():
     named = pz.nx.wrap(np.asarray(value).astype(dtype, copy=False)).tag(*axes)
-    if mesh is None:
-      named = jax.device_put(named)
-    else:
-      named = sharding.device_put_named(named, mesh, sharding_rules)
-    variables.append(pz.Parameter(value=named, label=f"transformer/{label}"))
-  model = pz.bind_variables(build.build_model(config, None), variables)
-  pz.nn.assert_no_parameter_slots(model)
-  return model
+    arrays[label] = jax.device_put(named)
+  return bind_named(config, arrays)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm.auto as tqdm
 
+from gemma_surgery._host import to_numpy
 from gemma_surgery.analysis.inputs import named_tokens, token_batch
 from gemma_surgery.interventions import ablate
 from gemma_surgery.run import jit_forward
@@ -28,7 +29,7 @@ from gemma_surgery.surgery import capture
 
 def _logp(logits: Any) -> np.ndarray:
   lg = jnp.asarray(logits.unwrap("batch", "seq", "vocabulary"), jnp.float32)
-  return np.asarray(jax.nn.log_softmax(lg, axis=-1), np.float64)
+  return to_numpy(jax.nn.log_softmax(lg, axis=-1), np.float64)
 
 
 def evaluate(
@@ -69,10 +70,8 @@ def evaluate(
     x_in = _flat(acts[info.site, info.layer], info.site, ids.shape)
     x = _flat(acts[out_site, info.layer], out_site, ids.shape)
     spliced_lp = _logp(spliced_fwd(tokens))
-    f = np.asarray(feats.value().unwrap("batch", "seq", "latents"), np.float64)
-    x_hat = np.asarray(
-      sae(_named(x_in)).unwrap("batch", "seq", "embedding"), np.float64
-    )
+    f = to_numpy(feats.value().unwrap("batch", "seq", "latents"), np.float64)
+    x_hat = to_numpy(sae(_named(x_in)).unwrap("batch", "seq", "embedding"), np.float64)
     ablated = _logp(ablated_fwd(tokens))
     m = mask.astype(np.float64)
     s["n"] += m.sum()
@@ -116,7 +115,7 @@ def evaluate(
 def _flat(value: Any, site: str, shape: tuple[int, ...]) -> np.ndarray:
   """``[batch, seq, d]`` float64; ``attn.z`` flattened head-major."""
   axes = ("heads", "projection") if site == "attn.z" else ("embedding",)
-  return np.asarray(value.unwrap("batch", "seq", *axes), np.float64).reshape(*shape, -1)
+  return to_numpy(value.unwrap("batch", "seq", *axes), np.float64).reshape(*shape, -1)
 
 
 def _named(x: np.ndarray) -> Any:

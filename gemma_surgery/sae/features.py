@@ -17,6 +17,7 @@ import tqdm.auto as tqdm
 from penzai import pz
 
 from gemma_surgery import errors
+from gemma_surgery._host import to_numpy
 from gemma_surgery.analysis.inputs import named_tokens, token_batch
 from gemma_surgery.analysis.readout import readout_head, top_tokens
 from gemma_surgery.run import jit_forward
@@ -46,7 +47,7 @@ def feature_activations(model: Any, sae: AutoEncoder, tokens: np.ndarray) -> np.
   ``model`` on ``tokens`` (one jitted forward; the model's output unchanged)."""
   spliced, feats = splice_sae(model, sae, use_error_term=True, capture_features=True)
   jit_forward(spliced)(named_tokens(tokens))
-  return np.asarray(feats.value().unwrap("batch", "seq", "latents"))
+  return to_numpy(feats.value().unwrap("batch", "seq", "latents"))
 
 
 def top_features(
@@ -158,7 +159,7 @@ def feature_direction(
   decoder rows are not unit-norm). ``attn.z`` SAEs: use `steer_with_feature`.
   """
   (feature,) = check_features(sae, feature)
-  row = np.asarray(sae.w_dec.value.unwrap("latents", "embedding"), np.float32)[feature]
+  row = to_numpy(sae.w_dec.value.unwrap("latents", "embedding"), np.float32)[feature]
   if normalize:
     row = row / max(float(np.linalg.norm(row)), 1e-12)
   if sae.info.site == "attn.z":
@@ -180,7 +181,7 @@ def steer_with_feature(
   (positions, skip_bos, …).
   """
   (feature,) = check_features(sae, feature)
-  row = np.asarray(sae.w_dec.value.unwrap("latents", "embedding"), np.float32)[feature]
+  row = to_numpy(sae.w_dec.value.unwrap("latents", "embedding"), np.float32)[feature]
   vector = pz.nx.wrap(jnp.asarray(scale * row))
   if sae.info.site == "attn.z":
     head_dim = model.metadata.projection_dim
@@ -214,7 +215,7 @@ def feature_logit_lens(
       " it is defined for residual-stream SAEs only."
     )
   row = sae.w_dec.value[{"latents": feature}].astype(jnp.float32)
-  logits = np.asarray(readout_head(model)(row).unwrap("vocabulary"), np.float64)
+  logits = to_numpy(readout_head(model)(row).unwrap("vocabulary"), np.float64)
   top = top_tokens(logits, k, tokenizer)
   ids, values, pieces = top_tokens(-logits, k, tokenizer)
   return {"top": top, "bottom": (ids, -values, pieces)}

@@ -23,6 +23,7 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors
+from gemma_surgery._host import to_numpy
 
 
 def _tokens_by_features(x: Any, axis: str) -> jax.Array:
@@ -78,7 +79,7 @@ def token_mask(
     special_ids: Ids to exclude (Gemma: pad 0, eos 1, bos 2).
     exclude_first: Also exclude position 0 of every row.
   """
-  ids = np.asarray(_token_array(tokens))
+  ids = to_numpy(_token_array(tokens))
   mask = ~np.isin(ids, np.asarray(special_ids))
   if exclude_first:
     mask[..., 0] = False
@@ -208,12 +209,12 @@ def feature_density(
   f = _tokens_by_features(features, axis)
   w = _weights(f.shape[:-1], mask)[..., None]
   fired = jnp.sum(w * (f > 0), axis=tuple(range(f.ndim - 1)))
-  return np.asarray(fired / jnp.sum(w))
+  return to_numpy(fired / jnp.sum(w))
 
 
 def dead_fraction(density: Any) -> float:
   """Fraction of latents that never fired."""
-  return float(np.mean(np.asarray(density) == 0))
+  return float(np.mean(to_numpy(density) == 0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,11 @@ def shard_sae(
   """A copy of ``sae`` with its parameters placed on ``mesh``; pure.
 
   By default the ``latents`` axis of ``w_enc``, ``b_enc``, ``w_dec`` and θ
-  follows its rule in `gemma_surgery.sharding.DEFAULT_RULES` (the ``model``
-  mesh axis) and everything else is replicated; pass e.g.
-  ``[("latents", "data")]`` to choose another mesh axis. A width that doesn't
+  follows `gemma_surgery.sharding.SAE_RULES` (the ``model`` mesh axis) and
+  everything else is replicated; pass e.g. ``[("latents", "data")]`` to
+  choose another mesh axis. The mesh may span several processes. A width that doesn't
   divide stays replicated (``strict=True`` raises `ShardingError`).
   """
   if rules is None:
-    rules = [rule for rule in sharding.DEFAULT_RULES if rule[0] == "latents"]
+    rules = sharding.SAE_RULES
   return sharding.shard_model(sae, mesh, rules, strict=strict)

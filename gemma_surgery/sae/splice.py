@@ -111,7 +111,7 @@ def _finish(
     new = pz.nx.nmap(jnp.where)(mask, new, target)
     features = pz.nx.nmap(jnp.where)(mask, features, 0.0)
   if layer.features is not None:
-    layer.features(features)
+    layer.features(features, **side_inputs)
   return unflatten_heads(layer.site, new, value).astype(value.dtype)
 
 

@@ -45,6 +45,7 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 from gemma_surgery import errors, sharding
+from gemma_surgery._host import to_numpy
 from gemma_surgery.sae import hookpoints
 from gemma_surgery.sae.layers import AutoEncoder, SAEInfo
 
@@ -104,7 +105,7 @@ def _as_rows(batch: Any) -> np.ndarray:
       )
     others = [a for a in batch.named_shape if a != "embedding"]
     batch = batch.unwrap(*others, "embedding")
-  rows = np.asarray(batch, np.float32)
+  rows = to_numpy(batch, np.float32)
   if rows.ndim < 2:
     raise errors.InputError(f"Activations need a feature axis; got shape {rows.shape}.")
   return rows.reshape(-1, rows.shape[-1])
@@ -312,7 +313,7 @@ def _to_autoencoder(
   params, scale: float, site: str, layer: int, source: str
 ) -> AutoEncoder:
   """Folds the normalization scalar in and builds the `AutoEncoder`."""
-  p = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  p = {k: to_numpy(v, np.float32) for k, v in params.items()}
   arrays = dict(
     w_enc=p["w_enc"] * scale,
     b_enc=p["b_enc"],
@@ -355,7 +356,7 @@ def save_gemma_scope_2(
   folder.mkdir(parents=True, exist_ok=True)
   arrays = {
     name: np.ascontiguousarray(
-      np.asarray(getattr(sae, attr).value.unwrap(*axes), np.float32)
+      to_numpy(getattr(sae, attr).value.unwrap(*axes), np.float32)
     )
     for name, attr, axes in (
       ("w_enc", "w_enc", ("embedding", "latents")),
@@ -364,7 +365,7 @@ def save_gemma_scope_2(
       ("b_dec", "b_dec", ("embedding",)),
     )
   }
-  arrays["threshold"] = np.asarray(
+  arrays["threshold"] = to_numpy(
     sae.activation.threshold.value.unwrap("latents"), np.float32
   )
   save_file(arrays, str(folder / "params.safetensors"))

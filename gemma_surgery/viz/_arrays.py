@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from gemma_surgery._host import to_numpy as host_numpy
 from gemma_surgery.errors import InputError
 
 
@@ -44,7 +45,7 @@ def to_numpy(x: Any, axes: Sequence[str], what: str) -> np.ndarray:
         f"with positional shape {x.positional_shape}"
       )
     x = x.unwrap(*axes)
-  arr = np.asarray(x)
+  arr = host_numpy(x)
   if arr.dtype.kind not in "UO":
     arr = arr.astype(np.float64)
   if arr.ndim != len(axes):
