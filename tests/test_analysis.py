@@ -202,23 +202,29 @@ CORRUPT[0, 3] = 200
 METRIC = patching.logit_difference(40, 41)
 
 
-def _one_patch(model, site, layer, clean_value, **where):
+def _one_patch(model, site, layer, clean_value, at=-1, **where):
   patched = iv.patch(model, site, layer, clean_value, **where)
   logits = np.asarray(
     patched(gs.analysis.inputs.named_tokens(CORRUPT)).unwrap(
       "batch", "seq", "vocabulary"
     )
   )
-  return logits[0, -1, 40] - logits[0, -1, 41]
+  return logits[0, at, 40] - logits[0, at, 41]
 
 
 @pytest.mark.parametrize(
-  ("site", "by"),
-  [("resid_post", "position"), ("attn.out", "position"), ("attn.z", "head")],
+  ("site", "by", "at"),
+  [
+    ("resid_post", "position", -1),
+    ("resid_post", "position", 5),  # the metric reads a middle position
+    ("attn.out", "position", -1),
+    ("attn.z", "head", -1),
+  ],
 )
-def test_batched_sweep_equals_one_patch_at_a_time(model, site, by):
+def test_batched_sweep_equals_one_patch_at_a_time(model, site, by, at):
+  metric = patching.logit_difference(40, 41, position=at)
   result = patching.patching_sweep(
-    model, CLEAN, CORRUPT, METRIC, site=site, by=by, chunk_size=5, progress=False
+    model, CLEAN, CORRUPT, metric, site=site, by=by, chunk_size=5, progress=False
   )
   width = CLEAN.shape[1] if by == "position" else 4
   assert result.scores.shape == (4, width)
@@ -227,7 +233,7 @@ def test_batched_sweep_equals_one_patch_at_a_time(model, site, by):
   for layer in (0, 2):
     for col in (0, 3, width - 1):
       where = {"positions": [col]} if by == "position" else {"heads": [col]}
-      expected = _one_patch(model, site, layer, acts[site, layer], **where)
+      expected = _one_patch(model, site, layer, acts[site, layer], at, **where)
       assert result.scores[layer, col] == pytest.approx(expected, abs=1e-4)
   assert result.corrupted != pytest.approx(result.clean)
 
@@ -281,6 +287,13 @@ BAD = {
     lambda m: patching.patching_sweep(m, CLEAN, CORRUPT, METRIC, site="logits"),
     errors.SiteError,
     "per-layer",
+  ),
+  "metric position outside the prompt": (
+    lambda m: patching.patching_sweep(
+      m, CLEAN, CORRUPT, patching.logit_difference(40, 41, position=8)
+    ),
+    errors.InputError,
+    "reads position 8",
   ),
   "token id outside vocabulary": (
     lambda m: attn.token_losses(m, [[2, 512]]),

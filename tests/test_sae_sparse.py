@@ -30,8 +30,9 @@ def _info(family: str = "res") -> SAEInfo:
   return SAEInfo(family=family, layer=0, site="resid_post", d_in=D, width=WIDTH)
 
 
-def _x(seed: int = 1) -> np.ndarray:
-  return np.random.default_rng(seed).normal(size=(3, 7, D)).astype(np.float32) * 2
+def _x(seed: int = 1, tokens: int = 7) -> np.ndarray:
+  shape = (3, tokens, D)
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 2
 
 
 def _named(x: np.ndarray) -> pz.nx.NamedArray:
@@ -57,11 +58,11 @@ def test_reconstruct_equals_the_published_equations(threshold, shift, path):
   # keep them; a low θ fires so many latents that the dense decoder is used.
   a = _arrays(threshold=threshold, shift=shift)
   sae = AutoEncoder.from_arrays(a, _info())
-  x = _x()
+  x = _x(tokens=1)  # 3 tokens: few enough rows to gather for the sparse path
   features, out = sparse.reconstruct(sae, _named(x))
   f_ref, out_ref = _numpy_sae(x, a)
   slots = sparse.active_slots((f_ref != 0).sum(-1).max(), WIDTH)
-  assert (slots * sparse.DENSE_FRACTION <= WIDTH) == (path == "sparse")
+  assert sparse.decodes_sparsely(3, slots, WIDTH) == (path == "sparse")
   assert (f_ref < 0).any() == (threshold < 0)
   np.testing.assert_allclose(
     features.unwrap("batch", "seq", "latents"), f_ref, atol=1e-5
@@ -77,7 +78,7 @@ def test_reconstruct_adds_a_transcoders_skip_term():
   a = _arrays()
   a["w_skip"] = np.random.default_rng(3).normal(size=(D, D)).astype(np.float32)
   tc = Transcoder.from_arrays(a, _info("transcoder"))
-  x = _x()
+  x = _x(tokens=1)
   _, out = sparse.reconstruct(tc, _named(x))
   np.testing.assert_allclose(
     out.unwrap("batch", "seq", "embedding"), _numpy_sae(x, a)[1], atol=1e-4
@@ -100,6 +101,17 @@ def test_too_few_slots_are_reported_and_change_the_result():
   assert int(full.overflow) == 0
   out = sparse.sparse_decode(sae, full).unwrap("batch", "seq", "embedding")
   np.testing.assert_allclose(out, out_ref, atol=1e-4)
+
+
+def test_many_tokens_decode_densely_with_the_same_result():
+  a = _arrays()
+  sae = AutoEncoder.from_arrays(a, _info())
+  x = _x(tokens=40)
+  assert not sparse.decodes_sparsely(120, sparse.MIN_ACTIVE, WIDTH)
+  _, out = sparse.reconstruct(sae, _named(x))
+  np.testing.assert_allclose(
+    out.unwrap("batch", "seq", "embedding"), _numpy_sae(x, a)[1], atol=1e-4
+  )
 
 
 def test_slot_buckets():

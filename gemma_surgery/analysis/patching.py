@@ -29,6 +29,7 @@ from gemma_surgery.analysis.inputs import (
   run_frozen,
   token_batch,
 )
+from gemma_surgery.layers import base
 from gemma_surgery.layers.ablate import Patch
 from gemma_surgery.run import jit_forward
 from gemma_surgery.surgery import capture
@@ -51,6 +52,33 @@ class LogitDifference:
   def __call__(self, logits: pz.nx.NamedArray) -> Any:
     at = logits[{"seq": self.position}].unwrap("batch", "vocabulary")
     return at[:, self.correct] - at[:, self.wrong]
+
+
+@pz.pytree_dataclass
+class KeepPosition(pz.nn.Layer):
+  """Keeps one ``seq`` position (as a length-1 axis) of a ``{..., seq}`` input.
+
+  Inserted after the final norm by `patching_sweep` when the metric reads a
+  single position, so the unembedding (a large share of a small model's
+  FLOPs) runs only there.
+
+  Attributes:
+    position: The kept position; negative counts from the end (static).
+  """
+
+  position: int = base.static_field()
+
+  def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
+    at = self.position % x.named_shape["seq"]
+    return x[{"seq": pz.slice[at : at + 1]}]
+
+
+def _single_position(metric: Metric) -> tuple[int | None, Metric]:
+  """``(position, metric on that position alone)`` for metrics that read one
+  position (`LogitDifference`); ``(None, metric)`` otherwise."""
+  if isinstance(metric, LogitDifference):
+    return metric.position, dataclasses.replace(metric, position=0)
+  return None, metric
 
 
 def logit_difference(correct: int, wrong: int, position: int = -1) -> LogitDifference:
@@ -170,12 +198,20 @@ def patching_sweep(
   width = seq if by == "position" else next(iter(values.values())).named_shape["heads"]
   items = [(row, col) for row in range(len(chosen)) for col in range(width)]
   scores = np.zeros(len(items))
+  position, chunk_metric = _single_position(metric)
+  if position is not None and not -seq <= position < seq:
+    raise errors.InputError(
+      f"The metric reads position {position}; prompts have {seq}."
+    )
+  keep = None if position is None else KeepPosition(position)
   starts = range(0, len(items), chunk_size)
   for start in tqdm.tqdm(starts, desc=f"patching {site}", disable=not progress):
     part = items[start : start + chunk_size]
     model_chunk = _patched(model, site, chosen, values, part, chunk_size, by, width)
+    if keep is not None:
+      model_chunk = sites.insert(model_chunk, "final_norm", None, lambda _: keep)
     tokens = np.repeat(bad_ids, chunk_size, axis=0)
-    out = run_frozen(model_chunk, _MetricOfModel(metric), named_tokens(tokens))
+    out = run_frozen(model_chunk, _MetricOfModel(chunk_metric), named_tokens(tokens))
     scores[start : start + len(part)] = to_numpy(out)[: len(part)]
   return PatchingResult(
     site=site,

@@ -8,10 +8,12 @@ result equals the dense ``decode`` (up to float32 summation order) whenever
 no token has more nonzero latents than the ``active`` size, and `sparsify`
 reports how many tokens overflowed so callers can check.
 
-`reconstruct` is the eager entry point for bulk work (corpus metrics, feature
-scans): it encodes, measures the largest L0 of the batch, picks the
-``active`` size from a few power-of-two buckets (one compile each) and
-decodes sparsely; it never drops a latent.
+`reconstruct` is the eager entry point: it encodes, measures the largest L0
+of the batch, picks the ``active`` size from a few power-of-two buckets (one
+compile each) and decodes sparsely when that reads few enough decoder rows
+(`decodes_sparsely`: small batches, e.g. a few prompts' last tokens), densely
+otherwise; it never drops a latent. On CPU, XLA's dense matmul beats row
+gathers for large batches (measured in ``bench/sae.py``).
 
 Axes: features ``{..., latents}`` → `SparseFeatures` ``{..., active}`` →
 output ``{..., embedding}``.
@@ -20,6 +22,7 @@ output ``{..., embedding}``.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +32,10 @@ from gemma_surgery.errors import SAEError
 from gemma_surgery.sae.layers import AutoEncoder, Transcoder
 
 MIN_ACTIVE = 8
-# `reconstruct` decodes densely when the slots exceed 1/DENSE_FRACTION of the
-# width: gathering rows then costs more than the dense matmul.
-DENSE_FRACTION = 8
+# `reconstruct` decodes sparsely only while the gathered decoder rows (tokens
+# × slots) are at most 1/ROWS_FRACTION of the decoder: on CPU a dense matmul
+# beats XLA's row gathers beyond that (bench/sae.py, BENCHMARKS.md).
+ROWS_FRACTION = 4
 
 
 @pz.pytree_dataclass
@@ -109,6 +113,12 @@ def active_slots(max_l0: int, width: int) -> int:
   return min(width, max(MIN_ACTIVE, 1 << max(0, int(max_l0) - 1).bit_length()))
 
 
+def decodes_sparsely(tokens: int, active: int, width: int) -> bool:
+  """Whether `reconstruct` uses the sparse decoder for ``tokens`` tokens with
+  ``active`` slots each (see `ROWS_FRACTION`)."""
+  return tokens * active * ROWS_FRACTION <= width
+
+
 @functools.partial(jax.jit, static_argnames="active")
 def _decode(sae: AutoEncoder, features: pz.nx.NamedArray, active: int):
   sparse = sparsify(features, active)
@@ -133,11 +143,11 @@ def reconstruct(
   """Encodes and decodes ``{..., embedding}`` activations, decoding sparsely.
 
   The slot count is chosen from this batch's largest L0, so no latent is ever
-  dropped (when it exceeds ``width / DENSE_FRACTION`` the dense decoder is
-  used instead): the reconstruction equals ``sae.decode(sae.encode(x))`` up to
-  float32 summation order. Runs eagerly (it reads the L0 back to the host);
-  inside a jitted function use `sparsify` + `sparse_decode` with a fixed
-  size, or the dense ``sae(x)``.
+  dropped (when the rows to gather exceed a quarter of the decoder, see
+  `decodes_sparsely`, the dense decoder is used instead): the reconstruction
+  equals ``sae.decode(sae.encode(x))`` up to float32 summation order. Runs
+  eagerly (it reads the L0 back to the host); inside a jitted function use
+  `sparsify` + `sparse_decode` with a fixed size, or the dense ``sae(x)``.
 
   Args:
     sae: An `AutoEncoder` or `Transcoder` (its affine skip term is added).
@@ -158,7 +168,8 @@ def reconstruct(
   sae = pz.freeze_params(sae)
   features, max_l0 = _encode(sae, x)
   active = active_slots(int(max_l0), sae.width)
-  if active * DENSE_FRACTION > sae.width:
+  tokens = math.prod(x.named_shape.values()) // sae.d_in
+  if not decodes_sparsely(tokens, active, sae.width):
     out = _dense_decode(sae, features)
   else:
     out, overflow = _decode(sae, features, active)
