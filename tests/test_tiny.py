@@ -211,3 +211,15 @@ def test_the_shipped_tokenizer_and_heldout_split_reproduce_from_the_recipe():
   assert train_tiny.train_tokenizer(train_docs) == shipped
   kept = assets.heldout_texts()
   assert kept == heldout_docs[: len(kept)] and len(kept) > 100
+
+
+def test_the_package_data_patterns_ship_every_asset():
+  import tomllib
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  config = tomllib.loads((root / "pyproject.toml").read_text())
+  patterns = config["tool"]["setuptools"]["package-data"]["gemma_surgery"]
+  package = root / "gemma_surgery"
+  matched = {p for pattern in patterns for p in package.glob(pattern)}
+  files = {p for p in assets.tiny_dir().rglob("*") if p.is_file()}
+  assert files and files <= matched, sorted(map(str, files - matched))
