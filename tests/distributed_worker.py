@@ -163,7 +163,7 @@ def main() -> None:
     for k, a in gs.distributed.gather(hf_params).items()
   )
 
-  enc = gs.sae.shard_sae(gs.sae.load_sae(args.sae), mesh)
+  enc = gs.sae.load_sae(args.sae, mesh=mesh)  # per-device slice reads
   rng = np.random.default_rng(0)
   vector = rng.normal(size=lm.config.embedding_dim).astype(np.float32)
   tokens = rng.integers(3, lm.config.vocab_size, size=(BATCH, SEQ)).astype(np.int32)

@@ -357,3 +357,40 @@ def test_gs1_embedding_saes_are_refused(tmp_path):
   np.savez(folder / "params.npz", **W.random_sae(13))
   with pytest.raises(errors.SAEError, match="embedding SAEs"):
     load_sae(folder)
+
+
+# --- On a mesh ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["resid_post", "transcoder"])
+def test_mesh_loading_reads_only_each_devices_slices(tmp_path, monkeypatch, family):
+  from gemma_surgery import sharding
+  from gemma_surgery.sae import files
+
+  arrays = W.random_sae(5, affine=family == "transcoder")
+  folder = W.write_gs2(tmp_path, family, 2, arrays)
+  reads: list[tuple[str, tuple]] = []
+  real = files._read_slice
+
+  def counting(tensor, index, path, name):
+    reads.append((name, index))
+    return real(tensor, index, path, name)
+
+  monkeypatch.setattr(files, "_read_slice", counting)
+  mesh = sharding.make_mesh({"data": 2, "model": 4})
+  sae = load_sae(folder, mesh=mesh)
+  _check_equations(sae, arrays)  # the same numbers as the equations
+  w_enc = sae.w_enc.value.data_array
+  assert tuple(w_enc.sharding.spec) == (None, "model")
+  assert w_enc.addressable_shards[0].data.shape == (W.D, W.WIDTH // 4)
+  assert sae.activation.threshold.value.dtype == jnp.float32
+  # Each latent slice of W_enc is read once (the data replicas share it) and
+  # holds a quarter of the latents; nothing is read whole.
+  enc_reads = [index for name, index in reads if name == "w_enc"]
+  assert len(enc_reads) == 4
+  assert sorted(index[1].start for index in enc_reads) == [0, 32, 64, 96]
+  assert all(index[1].stop - index[1].start == W.WIDTH // 4 for index in enc_reads)
+  # Control: without a mesh nothing goes through the sliced reader.
+  reads.clear()
+  load_sae(folder)
+  assert reads == []

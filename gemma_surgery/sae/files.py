@@ -15,8 +15,11 @@ never loaded (``allow_pickle=False``).
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import zipfile
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -86,6 +89,57 @@ def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     return load_file(str(path))
   except Exception as e:  # safetensors raises its own SafetensorError.
+    raise SAEError(f"Cannot read {str(path)!r} as safetensors: {e}") from e
+
+
+def _read_slice(tensor: Any, index: tuple, path: pathlib.Path, name: str) -> np.ndarray:
+  """``tensor[index]`` of an open safetensors slice (tests count the calls)."""
+  import safetensors
+
+  try:
+    return tensor[index]
+  except safetensors.SafetensorError as e:
+    raise SAEError(f"Cannot read {name!r} from {str(path)!r}: {e}") from e
+
+
+@contextlib.contextmanager
+def open_safetensors(path: pathlib.Path) -> Iterator[dict[str, Any]]:
+  """A ``.safetensors`` file's tensors as `LazyArray` s, while it is open.
+
+  Only the header is parsed; each ``LazyArray.read(index)`` reads just that
+  slice (``safe_open(...).get_slice``), so a process placing an SAE on a mesh
+  reads only its devices' shards.
+
+  Raises:
+    SAEError: Missing or unreadable file, or a dtype safetensors can't map.
+  """
+  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+  import safetensors
+
+  from gemma_surgery.loading.placement import LazyArray
+
+  if not path.is_file():
+    raise SAEError(f"SAE file {str(path)!r} does not exist.")
+  dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+  dtypes["BF16"] = ml_dtypes.bfloat16
+  try:
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+      lazy = {}
+      for name in f.keys():
+        tensor = f.get_slice(name)
+        stored = tensor.get_dtype()
+        if stored not in dtypes:
+          raise SAEError(
+            f"{str(path)!r}: {name} has dtype {stored}; SAE arrays must be floats."
+          )
+
+        def read(index, tensor=tensor, name=name):
+          return _read_slice(tensor, index, path, name)
+
+        shape = tuple(int(n) for n in tensor.get_shape())
+        lazy[name] = LazyArray(shape=shape, dtype=np.dtype(dtypes[stored]), read=read)
+      yield lazy
+  except safetensors.SafetensorError as e:
     raise SAEError(f"Cannot read {str(path)!r} as safetensors: {e}") from e
 
 

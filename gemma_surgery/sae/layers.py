@@ -91,22 +91,41 @@ def contract(name: str, left: pz.nx.NamedArray, right: pz.nx.NamedArray) -> Any:
   )
 
 
-def _param(value: Any, label: str, axes: tuple[str, ...], dtype: Any) -> pz.Parameter:
-  array = jnp.asarray(np.asarray(value), dtype)
-  return pz.Parameter(value=pz.nx.wrap(array).tag(*axes), label=label)
+# The named axes of each canonical SAE array.
+AXES = {
+  "w_enc": ("embedding", "latents"),
+  "b_enc": ("latents",),
+  "w_dec": ("latents", "embedding"),
+  "b_dec": ("embedding",),
+  "threshold": ("latents",),
+  "w_skip": ("embedding", "embedding_out"),
+}
+
+
+def storage_dtype(name: str, dtype: Any) -> Any:
+  """The dtype array ``name`` is stored in: θ always float32."""
+  return jnp.float32 if name == "threshold" else dtype
+
+
+def _param(value: Any, name: str, prefix: str, dtype: Any) -> pz.Parameter:
+  """Parameter ``prefix/name`` from a numpy array, or from a NamedArray with
+  the canonical axes that is already placed (e.g. on a mesh) in its dtype."""
+  if isinstance(value, pz.nx.NamedArray):
+    named = value
+  else:
+    array = jnp.asarray(np.asarray(value), storage_dtype(name, dtype))
+    named = pz.nx.wrap(array).tag(*AXES[name])
+  return pz.Parameter(value=named, label=f"{prefix}/{name}")
 
 
 def _fields(arrays: dict, info: SAEInfo, dtype: Any, prefix: str) -> dict:
   """Constructor fields of `AutoEncoder` (parameters labelled ``prefix/…``)."""
-  theta = _param(arrays["threshold"], f"{prefix}/threshold", ("latents",), jnp.float32)
-  return dict(
-    w_enc=_param(arrays["w_enc"], f"{prefix}/w_enc", ("embedding", "latents"), dtype),
-    b_enc=_param(arrays["b_enc"], f"{prefix}/b_enc", ("latents",), dtype),
-    w_dec=_param(arrays["w_dec"], f"{prefix}/w_dec", ("latents", "embedding"), dtype),
-    b_dec=_param(arrays["b_dec"], f"{prefix}/b_dec", ("embedding",), dtype),
-    activation=JumpReLU(theta),
-    info=info,
-  )
+  fields = {
+    name: _param(arrays[name], name, prefix, dtype)
+    for name in ("w_enc", "b_enc", "w_dec", "b_dec")
+  }
+  theta = _param(arrays["threshold"], "threshold", prefix, dtype)
+  return dict(**fields, activation=JumpReLU(theta), info=info)
 
 
 @pz.pytree_dataclass
@@ -184,6 +203,8 @@ class AutoEncoder(pz.nn.Layer):
       arrays: ``w_enc [d, F]``, ``w_dec [F, d]``, ``b_enc [F]``, ``b_dec
         [d]``, ``threshold [F]`` (and ``w_skip [d, d]`` for a `Transcoder`);
         shapes are assumed checked (`gemma_surgery.sae.files.check_arrays`).
+        Each may also be a NamedArray with the axes of `AXES`, already in its
+        storage dtype (`storage_dtype`) and placed, e.g. on a mesh.
       info: Metadata.
       dtype: Storage dtype of the weights (θ is always float32).
       name: Label prefix, default ``info.source`` or ``info.name``.
@@ -226,7 +247,7 @@ class Transcoder(AutoEncoder):
     prefix = f"sae/{name or info.source or info.name}"
     skip = arrays.get("w_skip")
     if skip is not None:
-      skip = _param(skip, f"{prefix}/w_skip", ("embedding", "embedding_out"), dtype)
+      skip = _param(skip, "w_skip", prefix, dtype)
     return cls(**_fields(arrays, info, dtype, prefix), w_skip=skip)
 
   def skip(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray | None:

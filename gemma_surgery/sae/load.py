@@ -19,12 +19,20 @@ import pathlib
 from typing import Any
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from gemma_surgery import assets
+from gemma_surgery import assets, sharding
 from gemma_surgery.errors import SAEError
-from gemma_surgery.loading import hub
+from gemma_surgery.loading import hub, placement
+from gemma_surgery.loading.params import Target
 from gemma_surgery.sae import files, hookpoints
-from gemma_surgery.sae.layers import AutoEncoder, SAEInfo, Transcoder
+from gemma_surgery.sae.layers import (
+  AXES,
+  AutoEncoder,
+  SAEInfo,
+  Transcoder,
+  storage_dtype,
+)
 
 _FILES = ("params.npz", "params.safetensors")
 
@@ -87,6 +95,8 @@ def load_sae(
   revision: str | None = None,
   cache_dir: str | os.PathLike[str] | None = None,
   token: str | bool | None = None,
+  mesh: Mesh | None = None,
+  sharding_rules: sharding.Rules | None = None,
 ) -> AutoEncoder:
   """Loads a Gemma Scope SAE or transcoder.
 
@@ -109,6 +119,11 @@ def load_sae(
     revision: Hub branch, tag or commit.
     cache_dir: Hub cache directory.
     token: Hub token.
+    mesh: Place the SAE on this mesh (which may span several processes):
+      ``latents`` along `sharding.SAE_RULES` (the ``model`` axis). From a
+      ``.safetensors`` file each process reads only its devices' slices; a
+      ``.npz`` is read whole, then sharded (`shard_sae`).
+    sharding_rules: Axis-name rules instead of `sharding.SAE_RULES`.
 
   Returns:
     An `AutoEncoder` (``res``/``mlp``/``att``) or `Transcoder`, whose
@@ -138,14 +153,42 @@ def load_sae(
     # abspath, not resolve(): Hugging Face cache files are symlinks to blobs.
     text = os.path.abspath(local).replace(os.sep, "/")
   file = file or _find_file(folder, where)
+  if file.suffix == ".safetensors" and mesh is not None:
+    with files.open_safetensors(file) as lazy:
+      arrays, info, cls = _describe(lazy, file, folder, text, where, family, layer)
+      rules = sharding.SAE_RULES if sharding_rules is None else sharding_rules
+      arrays = {
+        key: placement.place(
+          Target(key, AXES[key]), source, mesh, storage_dtype(key, dtype), rules
+        )
+        for key, source in arrays.items()
+      }
+    return cls.from_arrays(arrays, info, dtype=jnp.dtype(dtype), name=name)
   if file.suffix == ".npz":
     raw = files.read_npz(file)
-    release = hookpoints.GS1
   elif file.suffix == ".safetensors":
     raw = files.read_safetensors(file)
-    release = hookpoints.GS2
   else:
     raise SAEError(f"{where}: {file.name!r} is neither .npz nor .safetensors.")
+  arrays, info, cls = _describe(raw, file, folder, text, where, family, layer)
+  sae = cls.from_arrays(arrays, info, dtype=jnp.dtype(dtype), name=name)
+  if mesh is not None:
+    rules = sharding.SAE_RULES if sharding_rules is None else sharding_rules
+    sae = sharding.shard_model(sae, mesh, rules)
+  return sae
+
+
+def _describe(
+  raw: dict,
+  file: pathlib.Path,
+  folder: pathlib.Path,
+  text: str,
+  where: str,
+  family: str | None,
+  layer: int | None,
+) -> tuple[dict, SAEInfo, type[AutoEncoder]]:
+  """Canonical arrays (numpy or lazy), checked, with their `SAEInfo` and class."""
+  release = hookpoints.GS1 if file.suffix == ".npz" else hookpoints.GS2
   arrays = files.canonical_arrays(raw, where)
   d_in, width, d_out = files.check_arrays(arrays, where)
   config = None
@@ -172,8 +215,7 @@ def load_sae(
     hook_in=loc.hook_in,
     hook_out=loc.hook_out,
   )
-  cls = Transcoder if loc.family == "transcoder" else AutoEncoder
-  return cls.from_arrays(arrays, info, dtype=jnp.dtype(dtype), name=name)
+  return arrays, info, Transcoder if loc.family == "transcoder" else AutoEncoder
 
 
 def _check_metadata(
