@@ -62,16 +62,8 @@ def numpy_forward(x: np.ndarray, a: dict) -> np.ndarray:
   return numpy_encode(x, a) @ a["w_dec"] + a["b_dec"]
 
 
-def median(fn, runs: int) -> float:
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def interleaved_medians(fns: dict, runs: int) -> dict[str, float]:
+  """Median seconds of each function, run in turn after one warm-up call each."""
   for fn in fns.values():
     fn()
   times = {k: [] for k in fns}
@@ -137,15 +129,7 @@ def generation(runs: int) -> None:
     "plain": lambda: gs.generate(model, prompt, max_new_tokens=64).tokens,
     "spliced": lambda: gs.generate(spliced, prompt, max_new_tokens=64).tokens,
   }
-  for fn in runs_of.values():
-    fn()
-  times = {k: [] for k in runs_of}
-  for _ in range(runs):
-    for key, fn in runs_of.items():
-      start = time.perf_counter()
-      fn()
-      times[key].append(time.perf_counter() - start)
-  t = {k: statistics.median(v) for k, v in times.items()}
+  t = interleaved_medians(runs_of, runs)
   print("Fused generation, mid-size config, 64 new tokens:")
   print(
     f"  unpatched            {t['plain'] * 1e3:8.1f} ms  {64 / t['plain']:6.1f} tok/s"

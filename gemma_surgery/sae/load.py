@@ -33,6 +33,7 @@ from gemma_surgery.sae.layers import (
   Transcoder,
   storage_dtype,
 )
+from gemma_surgery.sae.shard import shard_sae
 
 _FILES = ("params.npz", "params.safetensors")
 
@@ -153,10 +154,10 @@ def load_sae(
     # abspath, not resolve(): Hugging Face cache files are symlinks to blobs.
     text = os.path.abspath(local).replace(os.sep, "/")
   file = file or _find_file(folder, where)
+  rules = sharding.SAE_RULES if sharding_rules is None else sharding_rules
   if file.suffix == ".safetensors" and mesh is not None:
     with files.open_safetensors(file) as lazy:
       arrays, info, cls = _describe(lazy, file, folder, text, where, family, layer)
-      rules = sharding.SAE_RULES if sharding_rules is None else sharding_rules
       arrays = {
         key: placement.place(
           Target(key, AXES[key]), source, mesh, storage_dtype(key, dtype), rules
@@ -173,8 +174,7 @@ def load_sae(
   arrays, info, cls = _describe(raw, file, folder, text, where, family, layer)
   sae = cls.from_arrays(arrays, info, dtype=jnp.dtype(dtype), name=name)
   if mesh is not None:
-    rules = sharding.SAE_RULES if sharding_rules is None else sharding_rules
-    sae = sharding.shard_model(sae, mesh, rules)
+    sae = shard_sae(sae, mesh, rules)
   return sae
 
 
