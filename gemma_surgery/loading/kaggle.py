@@ -173,6 +173,25 @@ def _chunks(sizes: Mapping[Any, int], budget: int) -> list[list]:
   return chunks + ([current] if current else [])
 
 
+def leaf_bytes(meta: Mapping[Any, Any]) -> dict[Any, int]:
+  """Bytes of each orbax leaf, from its metadata's shape and dtype."""
+  return {
+    p: int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
+    for p, m in meta.items()
+  }
+
+
+def bytes_bar(sizes: Mapping[Any, int], desc: str, progress: bool) -> tqdm:
+  """A progress bar over the total of ``sizes``, in bytes."""
+  return tqdm(
+    total=sum(sizes.values()),
+    desc=desc,
+    unit="B",
+    unit_scale=True,
+    disable=not progress,
+  )
+
+
 def _restore(
   handler: Any,
   directory: pathlib.Path,
@@ -184,19 +203,9 @@ def _restore(
   import orbax.checkpoint as ocp  # Slow import; only needed here.
 
   meta = {p: _get(tree, p) for p in paths}
-  sizes = {
-    p: int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
-    for p, m in meta.items()
-  }
+  sizes = leaf_bytes(meta)
   out = {}
-  bar = tqdm(
-    total=sum(sizes.values()),
-    desc=f"Reading {directory.name}",
-    unit="B",
-    unit_scale=True,
-    disable=not progress,
-  )
-  with bar:
+  with bytes_bar(sizes, f"Reading {directory.name}", progress) as bar:
     for chunk in _chunks(sizes, _CHUNK_BYTES):
       item = _subtree({p: meta[p] for p in chunk})
       restore_args = _subtree(

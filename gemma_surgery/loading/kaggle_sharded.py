@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from penzai import pz
-from tqdm.auto import tqdm
 
 from gemma_surgery import sharding
 from gemma_surgery.config import GemmaConfig
@@ -157,19 +156,9 @@ def restore_sharded(
         leaf_specs[ref.path] = leaf_spec(
           target, part, ref, out.spec, tuple(meta.shape), mesh
         )
-    sizes = {
-      p: int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
-      for p, m in leaf_meta.items()
-    }
+    sizes = kaggle.leaf_bytes(leaf_meta)
     arrays = {}
-    bar = tqdm(
-      total=sum(sizes.values()),
-      desc=f"Restoring {directory.name}",
-      unit="B",
-      unit_scale=True,
-      disable=not progress,
-    )
-    with bar:
+    with kaggle.bytes_bar(sizes, f"Restoring {directory.name}", progress) as bar:
       for chunk in kaggle._chunks(sizes, kaggle._CHUNK_BYTES):
         item = kaggle._subtree({p: leaf_meta[p] for p in chunk})
         restore_args = kaggle._subtree(
