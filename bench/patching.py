@@ -31,28 +31,42 @@ import gemma_surgery as gs
 LAYERS, POSITIONS = 8, 20
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", type=int, default=3)
-  args = parser.parse_args()
-  model = gs.build_model(MID, jax.random.key(0))
+CORRECT, WRONG = 11, 12  # token ids of the logit-difference metric
+
+
+def prompts() -> tuple[np.ndarray, np.ndarray]:
+  """``(clean, corrupted)`` ``[1, POSITIONS]`` ids: BOS + random tokens, one
+  token (position 5) changed."""
   rng = np.random.default_rng(0)
   clean = rng.integers(3, MID.vocab_size, (1, POSITIONS)).astype(np.int32)
   clean[0, 0] = 2
   corrupted = clean.copy()
   corrupted[0, 5] = (clean[0, 5] + 17) % MID.vocab_size
-  metric = gs.analysis.logit_difference(11, 12)
+  return clean, corrupted
+
+
+def resid_pre_sweep(model, clean, corrupted, chunk: int) -> np.ndarray:
+  """Our ``[LAYERS, POSITIONS]`` resid_pre sweep, ``chunk`` patches per call."""
+  return gs.analysis.patching_sweep(
+    model,
+    clean,
+    corrupted,
+    gs.analysis.logit_difference(CORRECT, WRONG),
+    site="resid_pre",
+    chunk_size=chunk,
+    progress=False,
+  ).scores
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", type=int, default=3)
+  args = parser.parse_args()
+  model = gs.build_model(MID, jax.random.key(0))
+  clean, corrupted = prompts()
 
   def sweep(chunk):
-    return gs.analysis.patching_sweep(
-      model,
-      clean,
-      corrupted,
-      metric,
-      site="resid_pre",
-      chunk_size=chunk,
-      progress=False,
-    ).scores
+    return resid_pre_sweep(model, clean, corrupted, chunk)
 
   results, first, steady = {}, {}, {}
   for name, chunk in (("batched", LAYERS * POSITIONS), ("sequential", 1)):

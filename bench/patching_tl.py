@@ -23,12 +23,11 @@ import jax
 import numpy as np
 import torch
 from configs import MID
+from patching import CORRECT, LAYERS, POSITIONS, WRONG, prompts, resid_pre_sweep
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
 import gemma_surgery as gs
-
-LAYERS, POSITIONS = 8, 20
 
 
 def tl_model() -> HookedTransformer:
@@ -74,18 +73,14 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=2)
   args = parser.parse_args()
-  rng = np.random.default_rng(0)
-  clean = rng.integers(3, MID.vocab_size, (1, POSITIONS)).astype(np.int32)
-  clean[0, 0] = 2
-  corrupted = clean.copy()
-  corrupted[0, 5] = (clean[0, 5] + 17) % MID.vocab_size
+  clean, corrupted = prompts()
 
   tl = tl_model()
   clean_t = torch.as_tensor(clean, dtype=torch.long)
   corrupted_t = torch.as_tensor(corrupted, dtype=torch.long)
 
   def tl_metric(logits: torch.Tensor) -> torch.Tensor:
-    return logits[0, -1, 11] - logits[0, -1, 12]
+    return logits[0, -1, CORRECT] - logits[0, -1, WRONG]
 
   def tl_sweep():
     with torch.no_grad():
@@ -93,18 +88,9 @@ def main() -> None:
       return tl_patching.get_act_patch_resid_pre(tl, corrupted_t, cache, tl_metric)
 
   model = gs.build_model(MID, jax.random.key(0))
-  metric = gs.analysis.logit_difference(11, 12)
 
   def ours():
-    return gs.analysis.patching_sweep(
-      model,
-      clean,
-      corrupted,
-      metric,
-      site="resid_pre",
-      chunk_size=LAYERS * POSITIONS,
-      progress=False,
-    ).scores
+    return resid_pre_sweep(model, clean, corrupted, LAYERS * POSITIONS)
 
   results = {}
   for name, fn in (("gemma_surgery batched", ours), ("TransformerLens", tl_sweep)):
