@@ -41,7 +41,7 @@ from penzai.models.transformer import sampling_mode, simple_decoding_loop
 from penzai.toolshed import jit_wrapper
 
 import gemma_surgery as gs
-from gemma_surgery import decoding
+from gemma_surgery.generation import decoding
 
 PROMPT, NEW = 16, 64
 FIXTURE = TINY_FIXTURE

@@ -6,17 +6,16 @@ The curated public API. Everything here is documented in the README.
 from gemma_surgery import (
   analysis,
   assets,
-  distributed,
   errors,
-  heads,
-  interventions,
-  memory,
+  generation,
+  loading,
+  model,
+  parallel,
   sae,
-  sharding,
-  sites,
+  surgery,
+  tokenizer,
   viz,
 )
-from gemma_surgery.build import GemmaTransformerLM, build_model
 from gemma_surgery.config import GemmaConfig, preset, preset_names
 from gemma_surgery.errors import (
   CheckpointError,
@@ -31,20 +30,43 @@ from gemma_surgery.errors import (
   SurgeryError,
   TokenizerError,
 )
-from gemma_surgery.generate import GenerationResult, generate, greedy_generate
-from gemma_surgery.layers.capture import DisplayIntermediate, SaveIntermediate
-from gemma_surgery.layers.steer import SteerIntermediate
-from gemma_surgery.loading.api import LoadedModel, load
-from gemma_surgery.run import jit_forward
-from gemma_surgery.sharding import make_mesh, shard_model
-from gemma_surgery.sites import SITES
-from gemma_surgery.surgery import Captures, capture, chain, steer, unpatch
+from gemma_surgery.generation import (
+  GenerationResult,
+  generate,
+  greedy_generate,
+  named_tokens,
+)
+from gemma_surgery.loading import LoadedModel, load
+from gemma_surgery.model import GemmaTransformerLM, build_model
+from gemma_surgery.parallel import distributed, make_mesh, memory, shard_model, sharding
+from gemma_surgery.surgery import (
+  SITES,
+  Captures,
+  DisplayIntermediate,
+  SaveIntermediate,
+  SteerIntermediate,
+  capture,
+  chain,
+  heads,
+  interventions,
+  jit_forward,
+  sites,
+  steer,
+  unpatch,
+)
 from gemma_surgery.tokenizer import GemmaTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
   "analysis",
+  "generation",
+  "loading",
+  "model",
+  "named_tokens",
+  "parallel",
+  "surgery",
+  "tokenizer",
   "assets",
   "distributed",
   "sae",

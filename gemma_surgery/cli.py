@@ -8,7 +8,7 @@ Verbs:
 
 Every verb also runs on several processes (hosts), the same command on each:
 ``--coordinator HOST:PORT --num-processes N --process-id I [--mesh
-data=2,model=4]`` (or the ``JAX_*`` variables of `gemma_surgery.distributed`;
+data=2,model=4]`` (or the ``JAX_*`` variables of `gemma_surgery.parallel.distributed`;
 nothing on Cloud TPU pods). Only process 0 prints results and writes files.
 """
 
@@ -20,8 +20,19 @@ import io
 import sys
 import time
 
+import numpy as np
+
 from gemma_surgery import errors
-from gemma_surgery._host import to_numpy
+from gemma_surgery.generation.api import generate
+from gemma_surgery.generation.inputs import named_tokens
+from gemma_surgery.host import to_numpy
+from gemma_surgery.loading.api import load
+from gemma_surgery.parallel import distributed
+from gemma_surgery.sae import load_sae, shard_sae, splice_sae
+from gemma_surgery.sae.splice import check_fits
+from gemma_surgery.surgery import steer
+from gemma_surgery.surgery.run import jit_forward
+from gemma_surgery.tour import run_tour
 
 _SOURCE_HELP = (
   "model: 'tiny' (the embedded default), a local path, hf:org/name,"
@@ -140,8 +151,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _start(args):
   """Joins the multi-process run (if any) and builds the mesh (or None)."""
-  from gemma_surgery import distributed
-
   info = distributed.initialize(
     args.coordinator,
     args.num_processes,
@@ -156,8 +165,6 @@ def _start(args):
 
 
 def _load(args):
-  from gemma_surgery.loading.api import load
-
   dtype = args.dtype or ("float32" if args.source == "tiny" else "bfloat16")
   start = time.perf_counter()
   lm = load(
@@ -173,8 +180,6 @@ def _load(args):
 
 
 def _load_sae(args, lm):
-  from gemma_surgery.sae import load_sae, shard_sae
-
   enc = load_sae(args.sae, args.sae_path)
   if args.mesh_ is not None:
     enc = shard_sae(enc, args.mesh_)
@@ -192,15 +197,11 @@ def _need_tokenizer(lm) -> None:
 def _steered(args, lm):
   """The model with the requested steering (or unchanged)."""
   import jax.numpy as jnp
-  import numpy as np
   from penzai import pz
-
-  from gemma_surgery.surgery import steer
 
   if args.feature is not None:
     if args.sae is None:
       raise errors.InputError("--feature needs --sae.")
-    from gemma_surgery.sae.splice import check_fits
 
     enc = _load_sae(args, lm)
     check_fits(lm.model, enc)
@@ -219,8 +220,6 @@ def _steered(args, lm):
 
 
 def _generate(args) -> int:
-  from gemma_surgery.generate import generate
-
   lm = _load(args)
   _need_tokenizer(lm)
   model = _steered(args, lm)
@@ -241,12 +240,6 @@ def _generate(args) -> int:
 
 
 def _sae_features(args) -> int:
-  import numpy as np
-
-  from gemma_surgery.analysis.inputs import named_tokens
-  from gemma_surgery.run import jit_forward
-  from gemma_surgery.sae import splice_sae
-
   lm = _load(args)
   _need_tokenizer(lm)
   enc = _load_sae(args, lm)
@@ -263,8 +256,6 @@ def _sae_features(args) -> int:
 
 
 def _tour(args) -> int:
-  from gemma_surgery.tour import run_tour
-
   lm = _load(args)
   enc = _load_sae(args, lm) if args.sae else None
   path = run_tour(lm, args.out, prompt=args.prompt, sae=enc)

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from gemma_surgery._host import to_numpy
 from gemma_surgery.errors import InputError
+from gemma_surgery.host import to_numpy
 
 _MAX_SHOWN = 5
 

@@ -123,7 +123,7 @@ GEMMA_SCOPE = [
     "batch = np.array([row[:width] for row in ids], np.int32)\n"
     "spliced, feats = gs.sae.splice_sae(model, sae, use_error_term=True, capture_features=True)\n"
     "captured, acts = gs.capture(spliced, sae.info.site, [sae.info.layer])\n"
-    "gs.jit_forward(captured)(gs.analysis.inputs.named_tokens(batch))\n"
+    "gs.jit_forward(captured)(gs.named_tokens(batch))\n"
     "x = acts[sae.info.site, sae.info.layer]\nf = feats.value()\n"
     "x_hat = sae.decode(f)\n"
     "gs.sae.metrics.summarize(x, x_hat, f, gs.sae.metrics.token_mask(batch))",

@@ -1,7 +1,7 @@
 """Per-device memory of Gemma 2 27B and Gemma 3 27B in bfloat16 on 8 and 16 devices.
 
 Computed from our `GemmaConfig` presets and the axis-name sharding rules
-(`gemma_surgery.memory.plan`, checked against measured placements in
+(`gemma_surgery.parallel.memory.plan`, checked against measured placements in
 tests/test_memory_plan.py): parameters plus the KV cache that `gs.generate`
 allocates for a stated batch and cache length. Prints the Markdown table
 pasted into the README ("Running on several hosts")::
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from gemma_surgery import config, memory
+from gemma_surgery import config
+from gemma_surgery.parallel import memory
 
 MODELS = ("gemma2_27b", "gemma3_27b")
 MESHES = (

@@ -40,9 +40,10 @@ import tiny_eval
 from penzai import pz
 from safetensors.numpy import save_file
 
-from gemma_surgery import assets, build
+from gemma_surgery import assets
 from gemma_surgery.config import GemmaConfig
 from gemma_surgery.loading import api
+from gemma_surgery.model import build
 from gemma_surgery.tokenizer import GemmaTokenizer
 
 VOCAB = 2048

@@ -11,7 +11,7 @@
   patches of a sweep batched into a few jitted calls.
 """
 
-from gemma_surgery.analysis import attention, inputs, neurons, patching
+from gemma_surgery.analysis import attention, neurons, patching
 from gemma_surgery.analysis.attention import (
   InductionResult,
   attention_patterns,
@@ -37,7 +37,7 @@ from gemma_surgery.analysis.patching import (
   logit_difference,
   patching_sweep,
 )
-from gemma_surgery.analysis.readout import readout_head, top_tokens
+from gemma_surgery.surgery.readout import readout_head, top_tokens
 
 __all__ = [
   "InductionResult",
@@ -51,7 +51,6 @@ __all__ = [
   "duplicate_token_scores",
   "induction_scores",
   "induction_token_scores",
-  "inputs",
   "knockout_losses",
   "logit_difference",
   "logit_lens",

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_surgery import errors, interventions, sites
-from gemma_surgery._host import to_numpy
-from gemma_surgery.analysis.inputs import named_tokens, run_frozen, token_batch
-from gemma_surgery.run import jit_forward
-from gemma_surgery.surgery import capture
+from gemma_surgery import errors
+from gemma_surgery.generation.inputs import named_tokens, token_batch
+from gemma_surgery.host import to_numpy
+from gemma_surgery.surgery import capture, interventions, sites
+from gemma_surgery.surgery.run import jit_forward, run_frozen
 
 
 def attention_patterns(

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemma_surgery import errors, sites
-from gemma_surgery._host import to_numpy
-from gemma_surgery.analysis.inputs import named_tokens, token_batch
-from gemma_surgery.analysis.readout import readout_head
-from gemma_surgery.run import jit_forward
-from gemma_surgery.surgery import capture
+from gemma_surgery import errors
+from gemma_surgery.generation.inputs import named_tokens, token_batch
+from gemma_surgery.host import to_numpy
+from gemma_surgery.surgery import capture, sites
+from gemma_surgery.surgery.readout import readout_head
+from gemma_surgery.surgery.run import jit_forward
 from gemma_surgery.tokenizer import as_tokenizer
 
 

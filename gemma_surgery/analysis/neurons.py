@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemma_surgery import errors, interventions, sites
-from gemma_surgery._host import to_numpy
-from gemma_surgery.analysis.inputs import named_tokens, token_batch
-from gemma_surgery.analysis.readout import readout_head, top_tokens
-from gemma_surgery.run import jit_forward
+from gemma_surgery import errors
+from gemma_surgery.generation import generate
+from gemma_surgery.generation.inputs import named_tokens, token_batch
+from gemma_surgery.host import to_numpy
+from gemma_surgery.surgery import interventions, sites
+from gemma_surgery.surgery.readout import readout_head, top_tokens
+from gemma_surgery.surgery.run import jit_forward
 
 _WEIGHTS = {"gate": "gating_linear", "up": "value_linear", "down": "out_linear"}
 
@@ -169,8 +171,6 @@ def compare_neuron_edits(
   Returns:
     ``{label: texts}`` (token arrays without a tokenizer).
   """
-  from gemma_surgery.generate import generate
-
   factors = factors or {"original": 1.0, "deactivated": 0.0, "boosted": 10.0}
   out = {}
   for label, factor in factors.items():

@@ -21,18 +21,13 @@ import numpy as np
 import tqdm.auto as tqdm
 from penzai import pz
 
-from gemma_surgery import errors, sites
-from gemma_surgery._host import to_numpy
-from gemma_surgery.analysis.inputs import (
-  call_model,
-  named_tokens,
-  run_frozen,
-  token_batch,
-)
-from gemma_surgery.layers import base
-from gemma_surgery.layers.ablate import Patch
-from gemma_surgery.run import jit_forward
-from gemma_surgery.surgery import capture
+from gemma_surgery import errors
+from gemma_surgery.generation.inputs import named_tokens, token_batch
+from gemma_surgery.host import to_numpy
+from gemma_surgery.surgery import capture, sites
+from gemma_surgery.surgery.layers import base
+from gemma_surgery.surgery.layers.ablate import Patch
+from gemma_surgery.surgery.run import call_model, jit_forward, run_frozen
 
 Metric = Callable[[pz.nx.NamedArray], Any]
 
@@ -242,7 +237,7 @@ def _patched(
   def make(layer: int) -> Patch:
     mask = pz.nx.wrap(jnp.asarray(masks[layers.index(layer)])).tag("batch", axis)
     if by == "position":
-      return Patch(value=values[layer], position_mask=mask, site=site)
+      return Patch(value=values[layer], seq_mask=mask, site=site)
     return Patch(value=values[layer], head_mask=mask, site=site)
 
   return sites.insert(model, site, layers, make)

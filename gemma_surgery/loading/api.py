@@ -25,9 +25,11 @@ from typing import Any
 
 import jax
 
-from gemma_surgery import assets, build, errors, sharding
+from gemma_surgery import assets, errors
 from gemma_surgery import config as config_lib
-from gemma_surgery.loading import hf, hf_config, hub, params
+from gemma_surgery.loading import hf, hf_config, hub, kaggle, kaggle_sharded, params
+from gemma_surgery.model import build
+from gemma_surgery.parallel import distributed, sharding
 from gemma_surgery.tokenizer import GemmaTokenizer, as_tokenizer
 
 # Hugging Face repos of the published variants (pretrained; "-it" asks for the
@@ -153,7 +155,7 @@ def load(
       Hugging Face ``config.json``; its dtypes are replaced by ``dtype`` /
       ``activation_dtype``. Shapes are still checked against it.
     mesh: Shard parameters over this mesh by axis name while loading. The
-      mesh may span several processes (`gemma_surgery.distributed`): each
+      mesh may span several processes (`gemma_surgery.parallel.distributed`): each
       process then reads only the slices its own devices hold (safetensors
       slices, or an orbax restore with the target shardings), so no process
       holds the whole model.
@@ -161,7 +163,7 @@ def load(
     strict_sharding: With ``mesh``: raise `ShardingError` before reading any
       weight if some parameter that a rule would shard over a mesh axis
       cannot be split over it (its axis sizes don't divide) and would be
-      replicated instead (`gemma_surgery.distributed.check_mesh`).
+      replicated instead (`gemma_surgery.parallel.distributed.check_mesh`).
     tokenizer: A tokenizer path or object to use instead of the checkpoint's
       ``tokenizer.model`` (any object with ``encode``/``decode``, including the
       ``gemma`` package's tokenizers).
@@ -186,7 +188,7 @@ def load(
       model = params.bind_parameters(config, canonical, source=str(path))
     else:
       if strict_sharding:
-        _check_mesh(config, mesh, sharding_rules)
+        distributed.check_mesh(config, mesh, sharding_rules)
       with hf.open_hf_params(path, config) as lazy:
         model = params.bind_parameters(
           config,
@@ -197,9 +199,6 @@ def load(
           progress=progress,
         )
   else:
-    # orbax is slow to import; only Kaggle/Flax checkpoints need it.
-    from gemma_surgery.loading import kaggle
-
     kwargs = dict(
       variant=variant,
       config=config,
@@ -210,9 +209,7 @@ def load(
       config, canonical = kaggle.read_kaggle_checkpoint(path, **kwargs)
       model = params.bind_parameters(config, canonical, source=str(path))
     else:
-      from gemma_surgery.loading import kaggle_sharded
-
-      check = _check_mesh if strict_sharding else None
+      check = distributed.check_mesh if strict_sharding else None
       config, arrays = kaggle_sharded.restore_sharded(
         path, mesh=mesh, rules=sharding_rules, check=check, progress=progress, **kwargs
       )
@@ -225,12 +222,6 @@ def load(
       " checkpoint's own tokenizer.model."
     )
   return LoadedModel(model=model, config=config, tokenizer=found, path=path)
-
-
-def _check_mesh(config, mesh, rules) -> None:
-  from gemma_surgery import distributed  # distributed imports this package
-
-  distributed.check_mesh(config, mesh, rules)
 
 
 def _load_tokenizer(tokenizer: Any, path: pathlib.Path) -> GemmaTokenizer | None:

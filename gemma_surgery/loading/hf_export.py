@@ -20,8 +20,9 @@ import numpy as np
 from penzai import pz
 from safetensors.numpy import save_file
 
-from gemma_surgery import build, errors
+from gemma_surgery import errors
 from gemma_surgery.config import GemmaConfig
+from gemma_surgery.model import build
 
 _MODEL_TYPE = {"gemma1": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 _ARCH = {

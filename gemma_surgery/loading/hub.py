@@ -28,8 +28,8 @@ import sys
 from collections.abc import Sequence
 
 from gemma_surgery.errors import HubError
-from gemma_surgery.loading import _hub_kaggle as _kaggle
-from gemma_surgery.loading import _netprobe
+from gemma_surgery.loading import hub_kaggle as _kaggle
+from gemma_surgery.loading import netprobe
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def download_kaggle(
     )
   if not managed:
     try:
-      _netprobe.probe(_KAGGLE_HOST)
-    except _netprobe.Unreachable as e:
+      netprobe.probe(_KAGGLE_HOST)
+    except netprobe.Unreachable as e:
       hint = ""
       if version is None and cached:
         hint = (
@@ -199,8 +199,8 @@ def download_hf(
     ) from local_miss
   endpoint = _hf_endpoint()
   try:
-    _netprobe.probe(endpoint)
-  except _netprobe.Unreachable as e:
+    netprobe.probe(endpoint)
+  except netprobe.Unreachable as e:
     raise HubError(
       f"cannot download {where}: no complete snapshot in the cache "
       f"{str(cache)!r} and the Hub ({endpoint}) is unreachable ({e}). "

@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 from gemma_surgery import errors
 from gemma_surgery.config import GemmaConfig
 from gemma_surgery.loading import kaggle_config, kaggle_layout
-from gemma_surgery.loading import params as canonical
 from gemma_surgery.loading.kaggle_config import (
   infer_config_from_kaggle,
   needs_gating_transpose,
 )
+from gemma_surgery.model import parameters as canonical
 
 __all__ = [
   "OpenPlan",
@@ -54,7 +54,7 @@ __all__ = [
 
 # Leaves are restored in groups of about this many bytes, one orbax call per
 # group, so the progress bar moves on large checkpoints.
-_CHUNK_BYTES = 1 << 30
+CHUNK_BYTES = 1 << 30
 _ORBAX_FILES = (
   "_CHECKPOINT_METADATA",
   "_sharding",
@@ -117,7 +117,7 @@ def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
   )
 
 
-def _corrupt(
+def corrupt_error(
   directory: pathlib.Path, what: str, e: Exception
 ) -> errors.CheckpointError:
   detail = str(e)
@@ -136,7 +136,7 @@ def _read_tree_metadata(handler: Any, directory: pathlib.Path) -> Mapping:
   except errors.GemmaSurgeryError:
     raise
   except Exception as e:  # orbax/tensorstore/json raise many types.
-    raise _corrupt(directory, "read the tree metadata (_METADATA)", e) from e
+    raise corrupt_error(directory, "read the tree metadata (_METADATA)", e) from e
   tree = getattr(meta, "tree", meta)
   if not isinstance(tree, Mapping):
     raise errors.CheckpointError(
@@ -146,13 +146,13 @@ def _read_tree_metadata(handler: Any, directory: pathlib.Path) -> Mapping:
   return tree
 
 
-def _get(tree: Mapping, path: kaggle_layout.TreePath) -> Any:
+def leaf_at(tree: Mapping, path: kaggle_layout.TreePath) -> Any:
   for key in path:
     tree = tree[key]
   return tree
 
 
-def _subtree(leaves: Mapping[kaggle_layout.TreePath, Any]) -> dict:
+def subtree(leaves: Mapping[kaggle_layout.TreePath, Any]) -> dict:
   out: dict = {}
   for path, leaf in leaves.items():
     node = out
@@ -162,7 +162,7 @@ def _subtree(leaves: Mapping[kaggle_layout.TreePath, Any]) -> dict:
   return out
 
 
-def _chunks(sizes: Mapping[Any, int], budget: int) -> list[list]:
+def chunked(sizes: Mapping[Any, int], budget: int) -> list[list]:
   chunks, current, total = [], [], 0
   for key, size in sizes.items():
     if current and total + size > budget:
@@ -202,13 +202,13 @@ def _restore(
   """Restores only ``paths`` as host numpy arrays in their stored dtype."""
   import orbax.checkpoint as ocp  # Slow import; only needed here.
 
-  meta = {p: _get(tree, p) for p in paths}
+  meta = {p: leaf_at(tree, p) for p in paths}
   sizes = leaf_bytes(meta)
   out = {}
   with bytes_bar(sizes, f"Reading {directory.name}", progress) as bar:
-    for chunk in _chunks(sizes, _CHUNK_BYTES):
-      item = _subtree({p: meta[p] for p in chunk})
-      restore_args = _subtree(
+    for chunk in chunked(sizes, CHUNK_BYTES):
+      item = subtree({p: meta[p] for p in chunk})
+      restore_args = subtree(
         {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in chunk}
       )
       args = ocp.args.PyTreeRestore(
@@ -217,7 +217,7 @@ def _restore(
       try:
         restored = handler.restore(directory, args=args)
         for p in chunk:
-          out[p] = np.asarray(_get(restored, p))
+          out[p] = np.asarray(leaf_at(restored, p))
           bar.update(sizes[p])
       except Exception as e:  # orbax/tensorstore raise many types.
         first, last = "/".join(chunk[0]), "/".join(chunk[-1])
@@ -226,7 +226,7 @@ def _restore(
           if len(chunk) == 1
           else (f"read the {len(chunk)} arrays {first!r} ... {last!r}")
         )
-        raise _corrupt(directory, what, e) from e
+        raise corrupt_error(directory, what, e) from e
   return out
 
 

@@ -8,10 +8,10 @@ devices and no process ever holds the whole model:
 1. As in `kaggle.open_plan`: metadata, layout, config and every shape are
    checked before anything is read.
 2. Each Penzai parameter gets its ``NamedSharding`` from its axis names
-   (`gemma_surgery.sharding`). The stored leaf it comes from (a fused
+   (`gemma_surgery.parallel.sharding`). The stored leaf it comes from (a fused
    ``qkv_einsum``/``gating_einsum``, a stacked ``[layers, ...]`` weight, or a
    plain one) is restored sharded along the matching dims (`leaf_spec`):
-   the canonical mapping (`kaggle_layout.Part`, `params.Target`) is inverted
+   the canonical mapping (`kaggle_layout.Part`, `parameters.Target`) is inverted
    dim by dim, e.g. the ``model`` axis of a ``neurons`` dim of ``mlp/gate``
    lands on ``F`` of a ``[2, D, F]`` or ``[2, F, D]`` ``gating_einsum``.
 3. One jitted function per kind of parameter slices/transposes/reshapes the
@@ -21,7 +21,7 @@ devices and no process ever holds the whole model:
    no data between devices; otherwise XLA reshuffles it (e.g. ``query_heads``
    sharded while the flat head axis is split in other blocks).
 
-Leaves are restored in groups of about `kaggle._CHUNK_BYTES`, and a group's
+Leaves are restored in groups of about `kaggle.CHUNK_BYTES`, and a group's
 restored leaves are dropped once its parameters are built.
 """
 
@@ -39,13 +39,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 
-from gemma_surgery import sharding
 from gemma_surgery.config import GemmaConfig
-from gemma_surgery.loading import kaggle, kaggle_layout, params, placement
+from gemma_surgery.loading import kaggle, kaggle_layout, placement
+from gemma_surgery.model import parameters
+from gemma_surgery.parallel import sharding
 
 
 def leaf_spec(
-  target: params.Target,
+  target: parameters.Target,
   part: kaggle_layout.Part,
   ref: kaggle_layout.Ref,
   penzai_spec: PartitionSpec,
@@ -86,7 +87,7 @@ def _to_penzai(
   *,
   indexed: bool,
   part: kaggle_layout.Part,
-  target: params.Target,
+  target: parameters.Target,
   dtype: Any,
   out: NamedSharding,
 ) -> jax.Array:
@@ -119,7 +120,7 @@ def restore_sharded(
     parameter_dtype: The parameters' dtype (cast on the devices).
     activation_dtype: ``config.activation_dtype``.
     check: Called with ``(config, mesh, rules)`` before anything is read
-      (e.g. `gemma_surgery.distributed.check_mesh`).
+      (e.g. `gemma_surgery.parallel.distributed.check_mesh`).
     progress: Show a progress bar (bytes of the checkpoint's leaves).
 
   Returns:
@@ -145,13 +146,13 @@ def restore_sharded(
     dtype = jnp.dtype(config.parameter_dtype)
     jobs: dict[kaggle_layout.TreePath, list] = collections.defaultdict(list)
     leaf_meta, leaf_specs = {}, {}
-    for label, target in params.penzai_targets(config).items():
+    for label, target in parameters.penzai_targets(config).items():
       ref, part = opened.plan[target.canonical]
       shape = target.shape(part(ref.proxy()).shape)
       out = placement.target_sharding(target, shape, mesh, rules)
       jobs[ref.path].append((label, target, ref, part, shape, out))
       if ref.path not in leaf_meta:
-        meta = kaggle._get(opened.tree, ref.path)
+        meta = kaggle.leaf_at(opened.tree, ref.path)
         leaf_meta[ref.path] = meta
         leaf_specs[ref.path] = leaf_spec(
           target, part, ref, out.spec, tuple(meta.shape), mesh
@@ -159,9 +160,9 @@ def restore_sharded(
     sizes = kaggle.leaf_bytes(leaf_meta)
     arrays = {}
     with kaggle.bytes_bar(sizes, f"Restoring {directory.name}", progress) as bar:
-      for chunk in kaggle._chunks(sizes, kaggle._CHUNK_BYTES):
-        item = kaggle._subtree({p: leaf_meta[p] for p in chunk})
-        restore_args = kaggle._subtree(
+      for chunk in kaggle.chunked(sizes, kaggle.CHUNK_BYTES):
+        item = kaggle.subtree({p: leaf_meta[p] for p in chunk})
+        restore_args = kaggle.subtree(
           {
             p: ocp.ArrayRestoreArgs(
               restore_type=jax.Array,
@@ -179,9 +180,11 @@ def restore_sharded(
           restored = opened.handler.restore(directory, args=args)
         except Exception as e:  # orbax/tensorstore raise many types.
           first = "/".join(chunk[0])
-          raise kaggle._corrupt(directory, f"restore {first!r} and others", e) from e
+          raise kaggle.corrupt_error(
+            directory, f"restore {first!r} and others", e
+          ) from e
         for p in chunk:
-          leaf = kaggle._get(restored, p)
+          leaf = kaggle.leaf_at(restored, p)
           for label, target, ref, part, shape, out in jobs[p]:
             data = _to_penzai(
               leaf,

@@ -8,10 +8,11 @@ a `LazyArray` (e.g. a tensor of a safetensors file, `loading.hf`), read slice
 by slice, so a process never holds more of the model than its devices do
 (plus one slice in flight).
 
-Indices are in the Penzai layout of the parameter (`params.Target`); they are
-mapped back to the canonical layout here: a slice of Penzai's head axes
-(``head_groups × query_heads``) becomes the runs of consecutive flat heads it
-covers, the dropped multi-query kv axis becomes ``0:1``.
+Indices are in the Penzai layout of the parameter
+(`gemma_surgery.model.parameters.Target`); they are mapped back to the
+canonical layout here: a slice of Penzai's head axes (``head_groups ×
+query_heads``) becomes the runs of consecutive flat heads it covers, the
+dropped multi-query kv axis becomes ``0:1``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from penzai import pz
 
-from gemma_surgery import sharding
-from gemma_surgery.loading.params import Target
+from gemma_surgery.model.parameters import Target
+from gemma_surgery.parallel import sharding
 
 Index = tuple[slice, ...]
 

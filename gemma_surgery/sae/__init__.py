@@ -6,13 +6,14 @@
     spliced, feats = sae.splice_sae(model, enc, use_error_term=True,
                                     capture_features=True)
 
-Modules: `layers` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
+Modules: `autoencoders` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
 `load` (reading Gemma Scope files), `hookpoints` (which site an SAE reads),
 `edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`,
 `train` (`train_jumprelu_sae`, Gemma Scope's JumpReLU recipe).
 """
 
 from gemma_surgery.sae import features, metrics
+from gemma_surgery.sae.autoencoders import AutoEncoder, JumpReLU, SAEInfo, Transcoder
 from gemma_surgery.sae.edits import FeatureEdits, feature_edits
 from gemma_surgery.sae.evaluate import evaluate
 from gemma_surgery.sae.features import (
@@ -25,11 +26,10 @@ from gemma_surgery.sae.features import (
   steer_with_feature,
   top_features,
 )
-from gemma_surgery.sae.layers import AutoEncoder, JumpReLU, SAEInfo, Transcoder
 from gemma_surgery.sae.load import load_sae
 from gemma_surgery.sae.shard import shard_sae
 from gemma_surgery.sae.splice import (
-  FeatureCapture,
+  FEATURES_SITE,
   SpliceSAE,
   TranscoderInput,
   TranscoderOutput,
@@ -39,6 +39,7 @@ from gemma_surgery.sae.splice import (
 from gemma_surgery.sae.train import save_gemma_scope_2, train_jumprelu_sae
 
 __all__ = [
+  "FEATURES_SITE",
   "Example",
   "evaluate",
   "feature_direction",
@@ -51,7 +52,6 @@ __all__ = [
   "steer_with_feature",
   "top_features",
   "AutoEncoder",
-  "FeatureCapture",
   "FeatureEdits",
   "JumpReLU",
   "SAEInfo",

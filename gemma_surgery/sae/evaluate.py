@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm.auto as tqdm
 
-from gemma_surgery._host import to_numpy
-from gemma_surgery.analysis.inputs import named_tokens, token_batch
-from gemma_surgery.interventions import ablate
-from gemma_surgery.run import jit_forward
-from gemma_surgery.sae.layers import AutoEncoder
+from gemma_surgery.generation.inputs import named_tokens, token_batch
+from gemma_surgery.host import to_numpy
+from gemma_surgery.sae.autoencoders import AutoEncoder
 from gemma_surgery.sae.metrics import SAEMetrics, token_mask
 from gemma_surgery.sae.splice import splice_sae
 from gemma_surgery.surgery import capture
+from gemma_surgery.surgery.interventions import ablate
+from gemma_surgery.surgery.run import jit_forward
 
 
 def _logp(logits: Any) -> np.ndarray:

@@ -17,14 +17,14 @@ import tqdm.auto as tqdm
 from penzai import pz
 
 from gemma_surgery import errors
-from gemma_surgery._host import to_numpy
-from gemma_surgery.analysis.inputs import named_tokens, token_batch
-from gemma_surgery.analysis.readout import readout_head, top_tokens
-from gemma_surgery.run import jit_forward
-from gemma_surgery.sae.layers import AutoEncoder
+from gemma_surgery.generation.inputs import named_tokens, token_batch
+from gemma_surgery.host import to_numpy
+from gemma_surgery.sae.autoencoders import AutoEncoder
 from gemma_surgery.sae.metrics import token_mask
 from gemma_surgery.sae.splice import splice_sae
 from gemma_surgery.surgery import steer
+from gemma_surgery.surgery.readout import readout_head, top_tokens
+from gemma_surgery.surgery.run import jit_forward
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 

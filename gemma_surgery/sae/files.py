@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from gemma_surgery.errors import SAEError
+from gemma_surgery.loading.placement import LazyArray
 
 REQUIRED = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
 OPTIONAL = ("w_skip",)
@@ -115,8 +116,6 @@ def open_safetensors(path: pathlib.Path) -> Iterator[dict[str, Any]]:
   """
   import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
   import safetensors
-
-  from gemma_surgery.loading.placement import LazyArray
 
   if not path.is_file():
     raise SAEError(f"SAE file {str(path)!r} does not exist.")

@@ -37,7 +37,7 @@ import dataclasses
 import re
 
 from gemma_surgery.errors import SAEError
-from gemma_surgery.sae.layers import FAMILIES
+from gemma_surgery.sae.autoencoders import FAMILIES
 
 GS1 = "gemma-scope"
 GS2 = "gemma-scope-2"
@@ -54,12 +54,15 @@ _GS2_FAMILIES = {
   "transcoder": "transcoder",
 }
 _HF_HOOK = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-HF_HOOK_SITES = {
-  "output": "resid_post",
-  "self_attn.o_proj.input": "attn.z",
-  "post_feedforward_layernorm.output": "mlp.out",
-  "pre_feedforward_layernorm.output": "mlp.in",
+# Our site -> the Hugging Face module hook (under ``model.layers.L.``); the
+# one table both directions are read from.
+SITE_HF_HOOKS = {
+  "resid_post": "output",
+  "attn.z": "self_attn.o_proj.input",
+  "mlp.out": "post_feedforward_layernorm.output",
+  "mlp.in": "pre_feedforward_layernorm.output",
 }
+HF_HOOK_SITES = {hook: site for site, hook in SITE_HF_HOOKS.items()}
 _SITE_FAMILY = {"resid_post": "res", "attn.z": "att", "mlp.out": "mlp"}
 GS1_SITES = {
   "res": ("resid_post", None),
@@ -68,12 +71,6 @@ GS1_SITES = {
   "transcoder": ("mlp.in_unscaled", "mlp.out"),
 }
 GS2_SITES = {**GS1_SITES, "transcoder": ("mlp.in", "mlp.out")}
-_GS2_HOOKS = {
-  "resid_post": "output",
-  "attn.z": "self_attn.o_proj.input",
-  "mlp.out": "post_feedforward_layernorm.output",
-  "mlp.in": "pre_feedforward_layernorm.output",
-}
 _NEURONPEDIA_MODELS = {"2b": "gemma-2-2b", "9b": "gemma-2-9b", "27b": "gemma-2-27b"}
 
 
@@ -155,6 +152,22 @@ def locate_gs1(
   )
 
 
+def hf_hook(site: str, layer: int) -> str:
+  """The Hugging Face hook point of ``site`` at ``layer``.
+
+  E.g. ``hf_hook("resid_post", 3) == "model.layers.3.output"``.
+
+  Raises:
+    SAEError: For a site with no Hugging Face hook point.
+  """
+  if site not in SITE_HF_HOOKS:
+    raise SAEError(
+      f"Site {site!r} has no Hugging Face hook point; sites with one:"
+      f" {', '.join(SITE_HF_HOOKS)}."
+    )
+  return f"model.layers.{layer}.{SITE_HF_HOOKS[site]}"
+
+
 def parse_hook(hook: str, where: str) -> tuple[int, str]:
   """``model.layers.L.<module>.<output|input>`` to ``(L, site)``."""
   match = _HF_HOOK.search(hook)
@@ -221,10 +234,8 @@ def locate_gs2(
   if layer is None:
     raise _no_family(where, f"folder {folder!r} has no layer_L_ prefix")
   if hook_in is None:
-    hook_in = f"model.layers.{layer}.{_GS2_HOOKS[site]}"
-    hook_out = (
-      None if out_site is None else f"model.layers.{layer}.{_GS2_HOOKS[out_site]}"
-    )
+    hook_in = hf_hook(site, layer)
+    hook_out = None if out_site is None else hf_hook(out_site, layer)
   affine = config.get("affine_connection")
   if affine is None and match is not None:
     affine = bool(match.group(4))

@@ -21,12 +21,13 @@ from typing import Any
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from gemma_surgery import assets, sharding
+from gemma_surgery import assets
 from gemma_surgery.errors import SAEError
 from gemma_surgery.loading import hub, placement
-from gemma_surgery.loading.params import Target
+from gemma_surgery.model.parameters import Target
+from gemma_surgery.parallel import sharding
 from gemma_surgery.sae import files, hookpoints
-from gemma_surgery.sae.layers import (
+from gemma_surgery.sae.autoencoders import (
   AXES,
   AutoEncoder,
   SAEInfo,

@@ -23,7 +23,7 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors
-from gemma_surgery._host import to_numpy
+from gemma_surgery.host import to_numpy
 
 
 def _tokens_by_features(x: Any, axis: str) -> jax.Array:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from jax.sharding import Mesh
 
-from gemma_surgery import sharding
-from gemma_surgery.sae.layers import AutoEncoder
+from gemma_surgery.parallel import sharding
+from gemma_surgery.sae.autoencoders import AutoEncoder
 
 
 def shard_sae(
@@ -18,7 +18,7 @@ def shard_sae(
   """A copy of ``sae`` with its parameters placed on ``mesh``; pure.
 
   By default the ``latents`` axis of ``w_enc``, ``b_enc``, ``w_dec`` and θ
-  follows `gemma_surgery.sharding.SAE_RULES` (the ``model`` mesh axis) and
+  follows `gemma_surgery.parallel.sharding.SAE_RULES` (the ``model`` mesh axis) and
   everything else is replicated; pass e.g. ``[("latents", "data")]`` to
   choose another mesh axis. The mesh may span several processes. A width that doesn't
   divide stays replicated (``strict=True`` raises `ShardingError`).

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from gemma_surgery.errors import SAEError
-from gemma_surgery.sae.layers import AutoEncoder, Transcoder
+from gemma_surgery.sae.autoencoders import AutoEncoder, Transcoder
 
 MIN_ACTIVE = 8
 # `reconstruct` decodes sparsely only while the gathered decoder rows (tokens

@@ -6,6 +6,7 @@
                          edits=feature_edits(sae, clamp={3124: 150.0}))
     spliced, feats = splice_sae(model, sae, capture_features=True)
     spliced(tokens); feats.value()                            # {batch, seq, latents}
+    feats["sae.features", sae.info.layer]                     # the same
     gs.unpatch(spliced)                                       # removes it all
 
 At the SAE's site and layer, the activation ``x`` becomes:
@@ -20,11 +21,11 @@ Tokens at position 0 (BOS: Gemma Scope SAEs were not trained on it) and
 padding (position −1) pass through unchanged unless ``include_bos=True``;
 positions come from the ``token_positions`` side input, so this holds under
 KV caching and left padding. ``positions="prompt"``/``"generated"`` restricts
-the splice further (see `gemma_surgery.layers.base`).
+the splice further (see `gemma_surgery.surgery.layers.base`).
 
 Attention SAEs (site ``attn.z``) read z flattened head-major: ``embedding``
 index ``head * head_dim + p`` over the user-facing ``heads`` axis (see
-`gemma_surgery.heads`); the output is split back to Penzai's native head axes.
+`gemma_surgery.surgery.heads`); the output is split back to Penzai's native head axes.
 
 Transcoders read one site and replace another. Two layers are inserted:
 `TranscoderInput` at the input site stores the activation in a
@@ -39,20 +40,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax.numpy as jnp
 from penzai import pz
 
-from gemma_surgery import errors, heads, sites
-from gemma_surgery.layers import base
-from gemma_surgery.layers.capture import SaveIntermediate
+from gemma_surgery import errors
+from gemma_surgery.sae.autoencoders import AutoEncoder, Transcoder, contract
 from gemma_surgery.sae.edits import FeatureEdits
-from gemma_surgery.sae.layers import AutoEncoder, Transcoder, contract
+from gemma_surgery.surgery import checks, heads, sites
+from gemma_surgery.surgery.captures import Captures
+from gemma_surgery.surgery.layers import base
+from gemma_surgery.surgery.layers.capture import SaveIntermediate
 
 # Order of the per-layer sites an SAE can read or write, within a block.
 _READABLE = ("resid_pre", "attn.z", "attn.out", "resid_mid", "mlp.in_unscaled")
 _READABLE += ("mlp.in", "mlp.out", "resid_post")
+# The capture key of an SAE's features in `Captures`.
+FEATURES_SITE = "sae.features"
 # Suffixes keeping state variable labels unique when an SAE is spliced twice.
 _SPLICES = itertools.count()
 
@@ -104,7 +109,7 @@ def _finish(
   side_inputs: dict,
 ) -> pz.nx.NamedArray:
   """Masks positions, stores features, restores the site's layout and dtype."""
-  mask = base.position_mask(
+  mask = base.phase_mask(
     layer.positions, side_inputs, value, skip_bos=not layer.include_bos
   )
   if mask is not None:
@@ -218,35 +223,6 @@ class TranscoderOutput(base.SurgeryLayer):
     return "#c58af9"
 
 
-class FeatureCapture:
-  """The features a spliced SAE saw on the last call (see `splice_sae`)."""
-
-  def __init__(self, saver: SaveIntermediate, sae: AutoEncoder):
-    self._saver = saver
-    self.info = sae.info
-
-  def value(self) -> pz.nx.NamedArray:
-    """``{batch, seq, latents}`` float32 features (zero at BOS/padding unless
-    included); raises `SurgeryError` before the model has run."""
-    return self._saver.value()
-
-  def variables(self) -> list[pz.StateVariable]:
-    return [self._saver.saved]
-
-  def __repr__(self) -> str:
-    return f"FeatureCapture({self.info.name})"
-
-
-def _site_size(model: Any, site: str) -> int:
-  meta = model.metadata
-  if site == "attn.z":
-    n = 1
-    for size in {**meta.common_head_axes, **meta.query_only_head_axes}.values():
-      n *= size
-    return n * meta.projection_dim
-  return meta.embedding_dim
-
-
 def check_fits(model: Any, sae: AutoEncoder) -> None:
   """Raises `SAEError` unless ``sae`` can be spliced into ``model``."""
   info = sae.info
@@ -273,7 +249,7 @@ def check_fits(model: Any, sae: AutoEncoder) -> None:
         f"{where}: site {site!r} is not one an SAE can read; valid:"
         f" {', '.join(_READABLE)}."
       )
-    have = _site_size(model, site)
+    have = checks.flat_width(model, site)
     if size != have:
       raise errors.SAEError(
         f"{where}: SAE {role} size is {size}, but site {site!r} of this model"
@@ -292,6 +268,32 @@ def _check_edits(sae: AutoEncoder, edits: FeatureEdits | None) -> None:
     )
 
 
+@overload
+def splice_sae(
+  model: Any,
+  sae: AutoEncoder,
+  *,
+  use_error_term: bool = ...,
+  include_bos: bool = ...,
+  capture_features: Literal[False] = ...,
+  edits: FeatureEdits | None = ...,
+  positions: str = ...,
+) -> Any: ...
+
+
+@overload
+def splice_sae(
+  model: Any,
+  sae: AutoEncoder,
+  *,
+  use_error_term: bool = ...,
+  include_bos: bool = ...,
+  capture_features: Literal[True],
+  edits: FeatureEdits | None = ...,
+  positions: str = ...,
+) -> tuple[Any, Captures]: ...
+
+
 def splice_sae(
   model: Any,
   sae: AutoEncoder,
@@ -301,7 +303,7 @@ def splice_sae(
   capture_features: bool = False,
   edits: FeatureEdits | None = None,
   positions: str = "all",
-) -> Any:
+) -> Any | tuple[Any, Captures]:
   """Splices an SAE (or transcoder) into a model at its site and layer.
 
   Args:
@@ -311,13 +313,13 @@ def splice_sae(
     use_error_term: Keep the SAE error: the output is exactly the clean
       activation plus the effect of ``edits`` (see the module doc).
     include_bos: Splice at position 0 too (default: BOS passes unchanged).
-    capture_features: Also return a `FeatureCapture` of the features.
+    capture_features: Also return a `Captures` of the features (key
+      ``("sae.features", layer)``; ``captures.value()`` reads them).
     edits: `FeatureEdits` (clamp/ablate/scale latents).
     positions: ``"all"``, ``"prompt"`` or ``"generated"`` tokens.
 
   Returns:
-    The spliced model, or ``(model, FeatureCapture)`` with
-    ``capture_features=True``.
+    The spliced model, or ``(model, captures)`` with ``capture_features=True``.
 
   Raises:
     SAEError: The SAE's layer, site or size doesn't fit the model, or the
@@ -334,7 +336,7 @@ def splice_sae(
   if capture_features:
     saver = SaveIntermediate(
       saved=pz.StateVariable(value=None, label=f"{prefix}/features_{suffix}"),
-      site="sae.features",
+      site=FEATURES_SITE,
       layer=info.layer,
     )
   common = dict(
@@ -359,7 +361,9 @@ def splice_sae(
   else:
     layer = SpliceSAE(site=info.site, **common)
     model = sites.insert(model, info.site, info.layer, lambda _: layer)
-  return (model, FeatureCapture(saver, sae)) if capture_features else model
+  if not capture_features:
+    return model
+  return model, Captures({(FEATURES_SITE, info.layer): saver}, sites.num_layers(model))
 
 
 def set_edits(model: Any, edits: FeatureEdits | None, sae: Any = None) -> Any:

@@ -44,10 +44,11 @@ from jax.sharding import Mesh, NamedSharding
 from penzai import pz
 from tqdm.auto import tqdm
 
-from gemma_surgery import errors, sharding
-from gemma_surgery._host import to_numpy
+from gemma_surgery import errors
+from gemma_surgery.host import to_numpy
+from gemma_surgery.parallel import sharding
 from gemma_surgery.sae import hookpoints
-from gemma_surgery.sae.layers import AutoEncoder, SAEInfo
+from gemma_surgery.sae.autoencoders import AutoEncoder, SAEInfo
 
 _SITE_FAMILY = {"resid_post": "res", "mlp.out": "mlp", "attn.z": "att"}
 
@@ -190,7 +191,7 @@ def train_jumprelu_sae(
     init_b_dec_to_mean: Start ``b_dec`` at the data mean instead of 0.
     learn_threshold: False freezes θ (an ablation: the L0 penalty then has no
       gradient at all, so nothing makes the SAE sparse).
-    site: Site the activations come from (`gemma_surgery.sites`): sets the
+    site: Site the activations come from (`gemma_surgery.surgery.sites`): sets the
       returned SAE's family (``resid_post`` → res, ``mlp.out`` → mlp,
       ``attn.z`` → att, flattened head-major) and where `splice_sae` puts it.
     layer: Layer the activations come from.
@@ -199,7 +200,7 @@ def train_jumprelu_sae(
     mesh: Optional mesh: parameters are sharded by axis name (``latents`` over
       ``model`` under the default rules) and batches over ``data``.
     sharding_rules: Axis-name rules for ``mesh`` (default
-      `gemma_surgery.sharding.DEFAULT_RULES`).
+      `gemma_surgery.parallel.sharding.DEFAULT_RULES`).
     progress: Show a tqdm progress bar.
     on_log: Called every ``log_every`` steps with ``{"step", "loss", "mse",
       "l0", "sparsity_coefficient"}`` (normalized units).
@@ -330,7 +331,7 @@ def _to_autoencoder(
     width=width,
     d_out=d,
     source=source,
-    hook_in=f"model.layers.{layer}.{hookpoints._GS2_HOOKS[site]}",
+    hook_in=hookpoints.hf_hook(site, layer),
   )
   return AutoEncoder.from_arrays(arrays, info, name=source)
 

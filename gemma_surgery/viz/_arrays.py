@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from gemma_surgery._host import to_numpy as host_numpy
 from gemma_surgery.errors import InputError
+from gemma_surgery.host import to_numpy as host_numpy
 
 
 def to_numpy(x: Any, axes: Sequence[str], what: str) -> np.ndarray:

@@ -1,0 +1,28 @@
+"""The generation wing: sampling from (patched) models in one fused loop.
+
+* `generate`: `generate` / `greedy_generate` and `GenerationResult`.
+* `decoding`: the jitted, KV-cached ``lax.while_loop`` over a patched model,
+  with captures written into fixed-shape buffers.
+* `inputs`: prompts to token-id arrays (`token_batch`, `named_tokens`) and
+  argument checks.
+* `sampling`: temperature, top-k and top-p on the device.
+"""
+
+from gemma_surgery.generation import decoding, inputs, sampling
+from gemma_surgery.generation.api import (
+  GenerationResult,
+  generate,
+  greedy_generate,
+)
+from gemma_surgery.generation.inputs import named_tokens, token_batch
+
+__all__ = [
+  "GenerationResult",
+  "decoding",
+  "generate",
+  "greedy_generate",
+  "inputs",
+  "named_tokens",
+  "sampling",
+  "token_batch",
+]

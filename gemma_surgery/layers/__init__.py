@@ -1,1 +1,0 @@
-"""Surgery layers: small Penzai layers inserted at named sites."""

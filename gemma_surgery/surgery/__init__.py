@@ -1,0 +1,56 @@
+"""The surgery wing: named sites, surgery layers and the rewrites that insert them.
+
+* `sites`: site names -> ``pz.Selection`` s of insertion anchors.
+* `heads`: one user-facing ``heads`` axis over Penzai's head layouts.
+* `layers`: the small Penzai layers inserted at sites (capture, steer,
+  ablate/patch, attention-pattern edits, neuron scaling, top-k, buffers).
+* `rewrites`: `capture`, `steer`, `chain`, `unpatch`.
+* `interventions`: ablation, patching, neurons, attention patterns, top-k.
+* `captures`: `Captures`, the one container every capture path returns.
+* `checks`: the one place where user inputs and site sizes are checked.
+* `run`: `jit_forward` and frozen-parameter forwards.
+* `readout`: the model's read-out head (final norm + unembedding).
+
+Every rewrite is a pure function ``(model, site, layers, ...) -> model`` (or
+``-> (model, Captures)`` when it captures); the input model is never modified.
+"""
+
+from gemma_surgery.surgery import (
+  captures,
+  checks,
+  heads,
+  interventions,
+  layers,
+  readout,
+  rewrites,
+  run,
+  sites,
+)
+from gemma_surgery.surgery.captures import Captures
+from gemma_surgery.surgery.layers.capture import DisplayIntermediate, SaveIntermediate
+from gemma_surgery.surgery.layers.steer import SteerIntermediate
+from gemma_surgery.surgery.rewrites import capture, chain, steer, unpatch
+from gemma_surgery.surgery.run import jit_forward
+from gemma_surgery.surgery.sites import SITES
+
+__all__ = [
+  "SITES",
+  "Captures",
+  "DisplayIntermediate",
+  "SaveIntermediate",
+  "SteerIntermediate",
+  "capture",
+  "captures",
+  "chain",
+  "checks",
+  "heads",
+  "interventions",
+  "jit_forward",
+  "layers",
+  "readout",
+  "rewrites",
+  "run",
+  "sites",
+  "steer",
+  "unpatch",
+]

@@ -1,0 +1,207 @@
+"""Checks of user inputs to rewrites, and the sizes of every site's axes.
+
+The one place where the library validates what users pass to a rewrite
+(`gemma_surgery.surgery.rewrites`, `gemma_surgery.surgery.interventions`,
+`gemma_surgery.sae.splice`): head/neuron/position indices become 0/1 mask
+arrays, user NamedArrays are checked against the site's axes and the model's
+sizes. All checks run on the host, on concrete values, before anything is
+inserted; errors name what was wrong and what would be valid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemma_surgery import errors
+from gemma_surgery.host import to_numpy
+from gemma_surgery.surgery import sites
+
+Indices = int | Iterable[int] | None
+
+
+def site_sizes(model: Any, site: str) -> dict[str, int]:
+  """Sizes of the site's user-facing axes known from the model's metadata.
+
+  ``heads`` is ``num_kv_heads`` at ``attn.k``/``attn.v`` and ``num_heads``
+  elsewhere; ``kv_seq`` depends on the input and is not included.
+  """
+  meta = model.metadata
+  kv_heads = math.prod(meta.common_head_axes.values())
+  q_heads = kv_heads * math.prod(meta.query_only_head_axes.values())
+  return {
+    "embedding": meta.embedding_dim,
+    "neurons": meta.mlp_hidden_dim,
+    "projection": meta.projection_dim,
+    "vocabulary": meta.vocab_size,
+    "heads": kv_heads if site in ("attn.k", "attn.v") else q_heads,
+  }
+
+
+def flat_width(model: Any, site: str) -> int:
+  """Values per token at ``site`` with its axes flattened (head-major).
+
+  E.g. ``d_model`` at residual sites, ``num_heads * head_dim`` at ``attn.z``
+  (the input width of a Gemma Scope attention SAE).
+
+  Raises:
+    SiteError: For sites with a ``kv_seq`` axis (their width depends on the
+      input length).
+  """
+  axes = sites.site_info(site).axes
+  if "kv_seq" in axes:
+    raise errors.SiteError(f"Site {site!r} has no fixed width (kv_seq axis).")
+  sizes = site_sizes(model, site)
+  return math.prod(sizes[axis] for axis in axes)
+
+
+def check_finite(name: str, value: Any) -> None:
+  """Raises `SurgeryError` if a concrete value has NaN/inf entries.
+
+  Traced values (inside ``jax.jit``) are not checked.
+  """
+  data = value.data_array if isinstance(value, pz.nx.NamedArray) else value
+  if isinstance(data, jax.core.Tracer):
+    return
+  if not np.all(np.isfinite(to_numpy(data))):
+    raise errors.SurgeryError(f"{name} contains NaN or infinite values.")
+
+
+def layers_for(site: str, layers: Any) -> Any:
+  """The layer argument for `sites.insert`: ``layers``, None at global sites.
+
+  Raises:
+    SiteError: Layers given for a global site (they would be ignored).
+  """
+  if sites.site_info(site).per_layer:
+    return layers
+  if layers is not None:
+    raise errors.SiteError(
+      f"Site {site!r} is global (one per model): pass layers=None, got {layers!r}."
+    )
+  return None
+
+
+def index_mask(
+  model: Any, site: str, indices: Indices, axis: str
+) -> pz.nx.NamedArray | None:
+  """A ``{axis}`` 0/1 float mask from indices; None when ``indices`` is None.
+
+  Raises:
+    SiteError: ``axis`` is not an axis of ``site``.
+    SurgeryError: Non-integer or out-of-range indices.
+  """
+  if indices is None:
+    return None
+  if axis not in sites.site_info(site).axes:
+    where = "a head site (" + ", ".join(sorted(sites.HEAD_SITES)) + ")"
+    if axis == "neurons":
+      where = "'mlp.hidden'"
+    raise errors.SiteError(f"{axis}= needs {where}; site {site!r} has no {axis} axis.")
+  size = site_sizes(model, site)[axis]
+  items = [indices] if isinstance(indices, int | np.integer) else list(indices)
+  for i in items:
+    if isinstance(i, bool) or not isinstance(i, int | np.integer):
+      raise errors.SurgeryError(f"{axis} indices must be ints, got {i!r}.")
+    if not 0 <= i < size:
+      raise errors.SurgeryError(
+        f"{axis} index {i} is out of range at {site!r}; valid: 0..{size - 1}."
+      )
+  mask = np.zeros(size, np.float32)
+  mask[np.asarray(items, np.int64)] = 1.0
+  return pz.nx.wrap(jnp.asarray(mask)).tag(axis)
+
+
+def check_value(
+  model: Any,
+  site: str,
+  value: Any,
+  name: str,
+  *,
+  allowed: Iterable[str] | None = None,
+  required: Iterable[str] = (),
+) -> None:
+  """Checks a user NamedArray's type, axes, sizes and finiteness.
+
+  Args:
+    model: The model (for axis sizes).
+    site: The site the value is used at.
+    value: The value.
+    name: Its name in messages.
+    allowed: Axes it may have; default the site's axes plus batch/seq.
+    required: Axes it must have.
+
+  Raises:
+    SurgeryError: On any mismatch, or NaN/inf entries.
+  """
+  info = sites.site_info(site)
+  allowed = set(allowed or (*info.axes, "batch", "seq"))
+  if not isinstance(value, pz.nx.NamedArray | pz.nx.NamedArrayView):
+    raise errors.SurgeryError(
+      f"{name} must be a NamedArray over {sorted(allowed)}, got"
+      f" {type(value).__name__} (e.g. pz.nx.wrap(v).tag('embedding'))."
+    )
+  axes = set(value.named_shape)
+  if value.positional_shape or not axes <= allowed or not set(required) <= axes:
+    raise errors.SurgeryError(
+      f"{name} has axes {dict(value.named_shape)} (positional"
+      f" {value.positional_shape}); site {site!r} takes axes among"
+      f" {sorted(allowed)}, including {sorted(required)}."
+    )
+  sizes = site_sizes(model, site)
+  for axis, size in value.named_shape.items():
+    if axis in sizes and sizes[axis] != size:
+      raise errors.SurgeryError(
+        f"{name} has {axis}={size}; the model has {axis}={sizes[axis]} at {site!r}."
+      )
+  check_finite(name, value)
+
+
+def seq_index_mask(positions: Any, value: pz.nx.NamedArray) -> Any:
+  """A ``{batch?, seq}`` 0/1 mask from seq indices or a bool NamedArray.
+
+  Args:
+    positions: None (every position), seq indices, or a ``{seq}`` /
+      ``{batch, seq}`` bool NamedArray.
+    value: The value the mask goes with (its ``seq``/``batch`` sizes bound
+      the indices and must match the mask's).
+
+  Returns:
+    None, or a float ``{batch?, seq}`` NamedArray of 0/1.
+  """
+  if positions is None:
+    return None
+  if isinstance(positions, pz.nx.NamedArray | pz.nx.NamedArrayView):
+    if "seq" not in positions.named_shape or not set(positions.named_shape) <= {
+      "batch",
+      "seq",
+    }:
+      raise errors.SurgeryError(
+        f"A positions mask must have axes {{batch?, seq}}, got"
+        f" {dict(positions.named_shape)}."
+      )
+    for axis, size in positions.named_shape.items():
+      if axis in value.named_shape and value.named_shape[axis] != size:
+        raise errors.SurgeryError(
+          f"Positions mask has {axis}={size}, the value has"
+          f" {axis}={value.named_shape[axis]}."
+        )
+    return positions.astype(jnp.float32)
+  if "seq" not in value.named_shape:
+    raise errors.SurgeryError("Position indices need a value with a seq axis.")
+  seq = value.named_shape["seq"]
+  items = [positions] if isinstance(positions, int | np.integer) else list(positions)
+  for p in items:
+    if isinstance(p, bool) or not isinstance(p, int | np.integer) or not 0 <= p < seq:
+      raise errors.SurgeryError(
+        f"Position {p!r} is not a valid seq index; valid: 0..{seq - 1}."
+      )
+  mask = np.zeros(seq, np.float32)
+  mask[np.asarray(items, np.int64)] = 1.0
+  return pz.nx.wrap(jnp.asarray(mask)).tag("seq")

@@ -1,0 +1,1 @@
+"""Shared test helpers: fixture paths, checkpoint/SAE writers, processes."""
