@@ -1022,6 +1022,12 @@ def main() -> None:
   parser.add_argument("--sae-width", type=int, default=SAE_WIDTH)
   parser.add_argument("--sae-layer", type=int, default=SAE_LAYER)
   parser.add_argument("--sae-rows", type=int, default=SAE_ROWS)
+  parser.add_argument(
+    "--sae-sparsity",
+    type=float,
+    default=SAE_HPARAMS["sparsity_coefficient"],
+    help="the SAE's L0 sparsity coefficient",
+  )
   parser.add_argument("--smoke", action="store_true", help="tiny CPU config")
   args = parser.parse_args()
   if args.build_corpus:
@@ -1091,6 +1097,7 @@ def main() -> None:
       log(report["metrics_error"])
     write_json(eval_path, report)
   if args.sae:
+    SAE_HPARAMS["sparsity_coefficient"] = args.sae_sparsity
     try:
       # The SAE gets what is left of both budgets (at most --sae-minutes).
       end = t_start + (args.minutes if args.train else 0) * 60 + args.sae_minutes * 60
