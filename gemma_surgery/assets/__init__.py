@@ -1,10 +1,12 @@
 """The embedded default model ("gemma-surgery tiny"), shipped with the package.
 
 A small Gemma-3-architecture model, its SentencePiece tokenizer and a
-Gemma-Scope-2-format ``resid_post`` SAE, trained by this project on CPython's
-own documentation (``scripts/train_tiny.py``, ``scripts/train_tiny_sae.py``).
-It is not a Google model. Load it with ``gemma_surgery.load("tiny")`` and
-``gemma_surgery.sae.load_sae("tiny")``; nothing is downloaded.
+Gemma-Scope-2-format ``resid_post`` SAE, trained by this project on the
+documentation that ships with Python and pinned PyPI packages
+(``scripts/embedded_v2_corpus.py``, ``scripts/train_embedded_v2.py``,
+``scripts/package_embedded.py``). It is not a Google model. Load it with
+``gemma_surgery.load("tiny")`` and ``gemma_surgery.sae.load_sae("tiny")``;
+nothing is downloaded.
 
 Layout of `TINY_DIR`::
 
@@ -39,7 +41,7 @@ def tiny_dir() -> pathlib.Path:
   if not (TINY_DIR / "config.json").is_file():
     raise CheckpointError(
       f"The embedded model is missing from {TINY_DIR}; reinstall gemma-surgery"
-      " with its package data (or run scripts/train_tiny.py)."
+      " with its package data (or see scripts/package_embedded.py)."
     )
   return TINY_DIR
 
