@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from gemma_surgery import assets, errors
+from gemma_surgery import assets, errors, jit_cache
 from gemma_surgery import config as config_lib
 from gemma_surgery.loading import hf, hf_config, hub, kaggle, kaggle_sharded, params
 from gemma_surgery.model import build
@@ -144,7 +144,7 @@ def load(
       name (see the module docstring).
     dtype: Parameter dtype: ``"bfloat16"`` or ``"float32"``. Default:
       ``"bfloat16"``, except ``"float32"`` for the embedded ``"tiny"`` model
-      (stored and measured in float32).
+      (stored in bfloat16, measured in float32).
     activation_dtype: Activation dtype; e.g. ``"float32"`` to run bf16 weights
       with float32 activations. Default: same as ``dtype``.
     variant: Variant name for Kaggle checkpoints whose non-shape knobs
@@ -170,12 +170,17 @@ def load(
     cache_dir: Download cache for hub sources.
     progress: Show progress bars.
 
+  The first call also turns on JAX's persistent compilation cache
+  (`gemma_surgery.jit_cache`; opt out with
+  ``GEMMA_SURGERY_COMPILATION_CACHE=0``).
+
   Returns:
     A `LoadedModel` with ``.model``, ``.config``, ``.tokenizer``, ``.path``.
 
   Raises:
     CheckpointError, ConfigError, HubError, TokenizerError: see their docs.
   """
+  jit_cache.enable()
   path = resolve(source, cache_dir=cache_dir)
   if dtype is None:
     dtype = "float32" if path == assets.TINY_DIR else "bfloat16"
