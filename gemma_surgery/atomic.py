@@ -50,8 +50,9 @@ def _create_temp(target: pathlib.Path) -> pathlib.Path:
     return tmp
 
 
-def _fsync(path: pathlib.Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
+def _fsync(path: pathlib.Path, flags: int = os.O_RDWR) -> None:
+  """Flushes a file (opened read-write: Windows can't sync a read-only fd)."""
+  fd = os.open(path, flags)
   try:
     os.fsync(fd)
   finally:
@@ -61,7 +62,7 @@ def _fsync(path: pathlib.Path) -> None:
 def _fsync_folder(folder: pathlib.Path) -> None:
   """Makes the renames durable where the OS allows (POSIX; not Windows)."""
   with contextlib.suppress(OSError):
-    _fsync(folder)
+    _fsync(folder, os.O_RDONLY)
 
 
 @contextlib.contextmanager
