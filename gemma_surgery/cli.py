@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import pathlib
 import sys
 import time
 
@@ -32,12 +33,23 @@ from gemma_surgery.sae import load_sae, shard_sae, splice_sae
 from gemma_surgery.sae.splice import check_fits
 from gemma_surgery.surgery import steer
 from gemma_surgery.surgery.run import jit_forward
-from gemma_surgery.tour import run_tour
+from gemma_surgery.tour import check_out, run_tour
 
 _SOURCE_HELP = (
   "model: 'tiny' (the embedded default), a local path, hf:org/name,"
   " kaggle:owner/model/framework/variation, or a variant name such as gemma2_2b"
 )
+
+
+def _positive_int(text: str) -> int:
+  """An argparse ``type``: an integer ≥ 1 (argparse reports the flag)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} is out of range; valid: 1 or more")
+  return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,7 +152,12 @@ def _parser() -> argparse.ArgumentParser:
   add_model(feats)
   add_sae(feats, required=True)
   feats.add_argument("--prompt", required=True)
-  feats.add_argument("--k", type=int, default=5)
+  feats.add_argument(
+    "--k",
+    type=_positive_int,
+    default=5,
+    help="features listed per token: 1..the SAE's width (default 5)",
+  )
   add_distributed(feats)
 
   info = verbs.add_parser("info", help="print the architecture")
@@ -194,15 +211,63 @@ def _need_tokenizer(lm) -> None:
     )
 
 
-def _steered(args, lm):
+def _steering_vector(args) -> np.ndarray | None:
+  """Checks the steering flags and reads ``--vector``, before the model loads."""
+  if args.feature is not None and args.sae is None:
+    raise errors.InputError("--feature needs --sae.")
+  if args.vector is None:
+    return None
+  if args.layer is None:
+    raise errors.InputError("--vector needs --layer (and optionally --site).")
+  return _read_vector(args.vector)
+
+
+def _read_vector(path: str) -> np.ndarray:
+  """The ``{embedding}`` steering vector saved at ``path`` (``np.save``).
+
+  Raises:
+    InputError: Missing or unreadable file, pickled data (never loaded), or
+      not one numeric vector; the message says what is expected.
+  """
+  expected = (
+    "expected a .npy file holding one float vector of d_model values, e.g."
+    " np.save(path, vector.astype(np.float32))"
+  )
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise errors.InputError(f"--vector {path}: no such file; {expected}.")
+  with file.open("rb") as f:
+    magic = f.read(6)
+  if magic.startswith(b"PK\x03\x04"):
+    raise errors.InputError(f"--vector {path} is an .npz archive; {expected}.")
+  if magic != b"\x93NUMPY":  # np.load would try to unpickle it
+    what = "a pickle (never loaded)" if magic[:1] == b"\x80" else "not a .npy file"
+    raise errors.InputError(f"--vector {path} is {what}; {expected}.")
+  try:
+    vector = np.load(path, allow_pickle=False)
+  except ValueError as e:
+    if "pickle" not in str(e).lower():
+      raise errors.InputError(f"--vector {path}: unreadable ({e}); {expected}.") from e
+    raise errors.InputError(
+      f"--vector {path} holds pickled (object) data, which is never loaded (it"
+      f" can run arbitrary code); {expected}."
+    ) from e
+  except (OSError, EOFError) as e:
+    raise errors.InputError(f"--vector {path}: unreadable ({e}); {expected}.") from e
+  if vector.dtype.kind not in "fiu" or vector.ndim != 1:
+    raise errors.InputError(
+      f"--vector {path} holds a {vector.dtype} array of shape {vector.shape};"
+      f" {expected}."
+    )
+  return vector
+
+
+def _steered(args, lm, vector: np.ndarray | None):
   """The model with the requested steering (or unchanged)."""
   import jax.numpy as jnp
   from penzai import pz
 
   if args.feature is not None:
-    if args.sae is None:
-      raise errors.InputError("--feature needs --sae.")
-
     enc = _load_sae(args, lm)
     check_fits(lm.model, enc)
     width = enc.info.width
@@ -210,19 +275,23 @@ def _steered(args, lm):
       raise errors.SAEError(f"--feature {args.feature} is outside 0..{width - 1}.")
     row = enc.w_dec.value[{"latents": args.feature}].astype(jnp.float32)
     return steer(lm.model, enc.info.site, enc.info.layer, row, args.scale)
-  if args.vector is not None:
-    if args.layer is None:
-      raise errors.InputError("--vector needs --layer (and optionally --site).")
-    vector = np.load(args.vector, allow_pickle=False)
+  if vector is not None:
+    d_model = lm.config.embedding_dim
+    if vector.shape != (d_model,):
+      raise errors.InputError(
+        f"--vector {args.vector} has {vector.size} values, but the model's"
+        f" d_model is {d_model}; expected shape ({d_model},)."
+      )
     named = pz.nx.wrap(jnp.asarray(vector, jnp.float32)).tag("embedding")
     return steer(lm.model, args.site, args.layer, named, args.scale)
   return lm.model
 
 
 def _generate(args) -> int:
+  vector = _steering_vector(args)
   lm = _load(args)
   _need_tokenizer(lm)
-  model = _steered(args, lm)
+  model = _steered(args, lm, vector)
   out = generate(
     model,
     [args.prompt],
@@ -243,11 +312,16 @@ def _sae_features(args) -> int:
   lm = _load(args)
   _need_tokenizer(lm)
   enc = _load_sae(args, lm)
+  if args.k > enc.info.width:
+    raise errors.InputError(
+      f"--k {args.k} is out of range: the SAE has {enc.info.width} latents;"
+      f" valid: 1..{enc.info.width}."
+    )
   spliced, feats = splice_sae(lm.model, enc, use_error_term=True, capture_features=True)
   ids = lm.tokenizer.encode(args.prompt, add_bos=True)
   jit_forward(spliced)(named_tokens(np.asarray([ids])))
   acts = to_numpy(feats.value().unwrap("batch", "seq", "latents"))[0]
-  k = max(1, min(args.k, acts.shape[-1]))
+  k = args.k
   for piece, row in zip(lm.tokenizer.pieces(ids), acts, strict=True):
     top = np.argsort(-row, kind="stable")[:k]
     listed = "  ".join(f"{int(i)}:{row[i]:.2f}" for i in top if row[i] > 0)
@@ -256,6 +330,7 @@ def _sae_features(args) -> int:
 
 
 def _tour(args) -> int:
+  check_out(args.out)  # before the model loads
   lm = _load(args)
   enc = _load_sae(args, lm) if args.sae else None
   path = run_tour(lm, args.out, prompt=args.prompt, sae=enc)

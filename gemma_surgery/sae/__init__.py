@@ -7,7 +7,8 @@
                                     capture_features=True)
 
 Modules: `autoencoders` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
-`load` (reading Gemma Scope files), `hookpoints` (which site an SAE reads),
+`load` (reading Gemma Scope files; `files.save_gemma_scope_2` writes one),
+`hookpoints` (which site an SAE reads),
 `edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`,
 `train` (`train_jumprelu_sae`, Gemma Scope's JumpReLU recipe).
 """
@@ -26,6 +27,7 @@ from gemma_surgery.sae.features import (
   steer_with_feature,
   top_features,
 )
+from gemma_surgery.sae.files import save_gemma_scope_2
 from gemma_surgery.sae.load import load_sae
 from gemma_surgery.sae.shard import shard_sae
 from gemma_surgery.sae.splice import (
@@ -36,7 +38,7 @@ from gemma_surgery.sae.splice import (
   set_edits,
   splice_sae,
 )
-from gemma_surgery.sae.train import save_gemma_scope_2, train_jumprelu_sae
+from gemma_surgery.sae.train import train_jumprelu_sae
 
 __all__ = [
   "FEATURES_SITE",

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemma_surgery.errors import SAEError
 from gemma_surgery.surgery.layers import base
 
 FAMILIES = ("res", "mlp", "att", "transcoder")
@@ -100,6 +101,40 @@ AXES = {
   "threshold": ("latents",),
   "w_skip": ("embedding", "embedding_out"),
 }
+
+
+# Weight storage dtypes and their usual spellings. Integer dtypes would
+# truncate the weights (Gemma Scope's are all below 1 in magnitude: all zeros).
+WEIGHT_DTYPES = {
+  "float32": ("float32", "fp32", "f32"),
+  "bfloat16": ("bfloat16", "bf16"),
+  "float16": ("float16", "fp16", "f16"),
+}
+_DTYPE_NAMES = {
+  alias: name for name, aliases in WEIGHT_DTYPES.items() for alias in aliases
+}
+
+
+def weight_dtype(dtype: Any) -> jnp.dtype:
+  """The weight storage dtype ``dtype`` names (a name, alias or dtype object).
+
+  Raises:
+    SAEError: Not a float dtype the SAE can store its weights in (e.g.
+      ``int8``, ``float64``, a misspelling), listing the valid names.
+  """
+  name = _DTYPE_NAMES.get(dtype.lower()) if isinstance(dtype, str) else None
+  if name is None and not isinstance(dtype, str):
+    try:
+      name = jnp.dtype(dtype).name
+    except TypeError:
+      name = None
+  if name not in WEIGHT_DTYPES:
+    valid = ", ".join(f"{n} ({'/'.join(a[1:])})" for n, a in WEIGHT_DTYPES.items())
+    raise SAEError(
+      f"SAE weight dtype {dtype!r} is not supported; valid: {valid} (or the"
+      " matching numpy/jax dtypes). The SAE always computes in float32."
+    )
+  return jnp.dtype(name)
 
 
 def storage_dtype(name: str, dtype: Any) -> Any:
@@ -208,7 +243,11 @@ class AutoEncoder(pz.nn.Layer):
       info: Metadata.
       dtype: Storage dtype of the weights (θ is always float32).
       name: Label prefix, default ``info.source`` or ``info.name``.
+
+    Raises:
+      SAEError: ``dtype`` is not a float dtype (`weight_dtype`).
     """
+    dtype = weight_dtype(dtype)
     return cls(
       **_fields(arrays, info, dtype, f"sae/{name or info.source or info.name}")
     )
@@ -244,6 +283,7 @@ class Transcoder(AutoEncoder):
     name: str | None = None,
   ) -> Transcoder:
     """As `AutoEncoder.from_arrays`, plus the optional ``w_skip``."""
+    dtype = weight_dtype(dtype)
     prefix = f"sae/{name or info.source or info.name}"
     skip = arrays.get("w_skip")
     if skip is not None:

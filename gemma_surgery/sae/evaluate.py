@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm.auto as tqdm
 
+from gemma_surgery.errors import InputError
 from gemma_surgery.generation.inputs import named_tokens, token_batch
 from gemma_surgery.host import to_numpy
 from gemma_surgery.sae.autoencoders import AutoEncoder
@@ -50,6 +51,10 @@ def evaluate(
     special_ids: Tokens excluded (and, for losses, not predicted); the first
       position of every row is excluded too (`metrics.token_mask`).
     progress: Show a progress bar.
+
+  Raises:
+    InputError: ``batches`` is empty, or every token of it is excluded (no
+      token to average over).
   """
   info = sae.info
   out_site = info.out_site or info.site  # transcoders predict another site
@@ -93,6 +98,13 @@ def evaluate(
     s["kl_a"] += ((p * (clean[:, :-1] - ablated[:, :-1])).sum(-1) * target).sum()
     s["nt"] += target.sum()
   n, nt = s["n"], s["nt"]
+  if n == 0:
+    what = "yielded no batch" if sum_x is None else "has no counted token"
+    raise InputError(
+      f"evaluate: the corpus {what}; every metric is an average over tokens."
+      " Pass an iterable of [batch, seq] token arrays with tokens after the"
+      f" first position that are not special ids {tuple(special_ids)}."
+    )
   total = s["x2"] / n - float(((sum_x / n) ** 2).sum())
   ev = 1.0 - (s["sq"] / n) / total
   ce_c, ce_s, ce_a = s["ce_c"] / nt, s["ce_s"] / nt, s["ce_a"] / nt

@@ -21,7 +21,7 @@ from gemma_surgery.generation.inputs import named_tokens, token_batch
 from gemma_surgery.host import to_numpy
 from gemma_surgery.sae.autoencoders import AutoEncoder
 from gemma_surgery.sae.metrics import token_mask
-from gemma_surgery.sae.splice import splice_sae
+from gemma_surgery.sae.splice import check_fits, splice_sae
 from gemma_surgery.surgery import steer
 from gemma_surgery.surgery.readout import readout_head, top_tokens
 from gemma_surgery.surgery.run import jit_forward
@@ -207,8 +207,13 @@ def feature_logit_lens(
 
   Returns:
     ``{"top": (ids, logits, pieces), "bottom": (...)}``.
+
+  Raises:
+    SAEError: A bad feature index, an ``attn.z`` SAE, or an SAE that doesn't
+      fit the model (`splice.check_fits`: its size or layer).
   """
   (feature,) = check_features(sae, feature)
+  check_fits(model, sae)
   if sae.info.site == "attn.z":
     raise errors.SAEError(
       "The logit lens of an attn.z SAE feature needs the output projection;"

@@ -1,4 +1,4 @@
-"""Reading SAE parameter files (Gemma Scope ``.npz`` and ``.safetensors``).
+"""Reading and writing SAE parameter files (Gemma Scope ``.npz``, ``.safetensors``).
 
 Both formats hold five float arrays; the canonical (lowercase) names and
 shapes are::
@@ -16,15 +16,20 @@ never loaded (``allow_pickle=False``).
 from __future__ import annotations
 
 import contextlib
+import json
 import pathlib
 import zipfile
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from gemma_surgery import atomic
 from gemma_surgery.errors import SAEError
+from gemma_surgery.host import to_numpy
 from gemma_surgery.loading.placement import LazyArray
+from gemma_surgery.sae.autoencoders import AutoEncoder
 
 REQUIRED = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
 OPTIONAL = ("w_skip",)
@@ -206,3 +211,50 @@ def check_arrays(arrays: dict[str, np.ndarray], where: str) -> tuple[int, int, i
       f" d_out={d_out}) expected {want}."
     )
   return d_in, width, d_out
+
+
+def save_gemma_scope_2(
+  sae: AutoEncoder, folder: Any, *, l0: str, model_name: str
+) -> None:
+  """Writes ``params.safetensors`` + ``config.json`` in the Gemma Scope 2 layout.
+
+  Args:
+    sae: The SAE (not a transcoder).
+    folder: Output folder, conventionally ``<family>/layer_L_width_W_l0_X``
+      (e.g. ``resid_post/layer_1_width_512_l0_medium``).
+    l0: The L0 label written to ``config.json`` (``small``/``medium``/``big``).
+    model_name: The model it was trained on.
+
+  Both files are written atomically, as a pair (`gemma_surgery.atomic`): if
+  writing fails, an SAE already in ``folder`` stays complete and unchanged.
+  """
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  arrays = {
+    name: np.ascontiguousarray(
+      to_numpy(getattr(sae, attr).value.unwrap(*axes), np.float32)
+    )
+    for name, attr, axes in (
+      ("w_enc", "w_enc", ("embedding", "latents")),
+      ("w_dec", "w_dec", ("latents", "embedding")),
+      ("b_enc", "b_enc", ("latents",)),
+      ("b_dec", "b_dec", ("embedding",)),
+    )
+  }
+  arrays["threshold"] = to_numpy(
+    sae.activation.threshold.value.unwrap("latents"), np.float32
+  )
+  config = dict(
+    hf_hook_point_in=sae.info.hook_in,
+    hf_hook_point_out=sae.info.hook_in,
+    width=sae.info.width,
+    l0=l0,
+    model_name=model_name,
+    architecture="jump_relu",
+    affine_connection=False,
+    type="sae",
+  )
+  targets = (folder / "params.safetensors", folder / "config.json")
+  with atomic.atomic_paths(*targets) as (params_tmp, config_tmp):
+    save_file(arrays, str(params_tmp))
+    config_tmp.write_text(json.dumps(config, indent=2) + "\n")

@@ -18,7 +18,6 @@ import os
 import pathlib
 from typing import Any
 
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from gemma_surgery import assets
@@ -33,6 +32,7 @@ from gemma_surgery.sae.autoencoders import (
   SAEInfo,
   Transcoder,
   storage_dtype,
+  weight_dtype,
 )
 from gemma_surgery.sae.shard import shard_sae
 
@@ -114,7 +114,9 @@ def load_sae(
       what the names and config say (needed for local folders whose path
       doesn't name the repo).
     layer: Overrides the layer parsed from the path or config.
-    dtype: Storage dtype of the weights; θ stays float32 and the SAE always
+    dtype: Storage dtype of the weights: ``"float32"`` (``"fp32"``,
+      ``"f32"``), ``"bfloat16"`` (``"bf16"``) or ``"float16"`` (``"fp16"``,
+      ``"f16"``), or the numpy/jax dtype; θ stays float32 and the SAE always
       computes in float32.
     name: Parameter label prefix (default: the source); SAEs spliced into one
       model need distinct names.
@@ -132,9 +134,11 @@ def load_sae(
     ``info`` says where it reads and writes.
 
   Raises:
-    SAEError: Missing file, pickled npz, wrong keys or shapes, unknown site.
+    SAEError: Missing file, pickled npz, wrong keys or shapes, unknown site,
+      a ``dtype`` that is not one of the float dtypes above.
     HubError: The download failed.
   """
+  dtype = weight_dtype(dtype)  # before any download
   if path is None and isinstance(source, str) and source == assets.TINY_NAME:
     source = assets.tiny_sae_dir()
   if path is not None:
@@ -165,7 +169,7 @@ def load_sae(
         )
         for key, source in arrays.items()
       }
-    return cls.from_arrays(arrays, info, dtype=jnp.dtype(dtype), name=name)
+    return cls.from_arrays(arrays, info, dtype=dtype, name=name)
   if file.suffix == ".npz":
     raw = files.read_npz(file)
   elif file.suffix == ".safetensors":
@@ -173,7 +177,7 @@ def load_sae(
   else:
     raise SAEError(f"{where}: {file.name!r} is neither .npz nor .safetensors.")
   arrays, info, cls = _describe(raw, file, folder, text, where, family, layer)
-  sae = cls.from_arrays(arrays, info, dtype=jnp.dtype(dtype), name=name)
+  sae = cls.from_arrays(arrays, info, dtype=dtype, name=name)
   if mesh is not None:
     sae = shard_sae(sae, mesh, rules)
   return sae

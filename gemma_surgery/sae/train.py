@@ -51,6 +51,7 @@ from gemma_surgery.sae import hookpoints
 from gemma_surgery.sae.autoencoders import AutoEncoder, SAEInfo
 
 _SITE_FAMILY = {"resid_post": "res", "mlp.out": "mlp", "attn.z": "att"}
+_ARRAYS = np.ndarray | jax.Array | pz.nx.NamedArray | pz.nx.NamedArrayView
 
 
 def _rectangle(u: jax.Array) -> jax.Array:
@@ -97,26 +98,42 @@ def _step_bwd(res, g):
 step.defvjp(_step_fwd, _step_bwd)
 
 
-def _as_rows(batch: Any) -> np.ndarray:
-  """``[tokens, d]`` float32 from an array or an ``{..., embedding}`` NamedArray."""
+def _as_rows(batch: Any, where: str) -> np.ndarray:
+  """``[tokens, d]`` float32 from an array or an ``{..., embedding}`` NamedArray.
+
+  Raises:
+    InputError: No feature axis, or NaN/infinite values (naming the first).
+  """
+  axes = None
   if isinstance(batch, pz.nx.NamedArray | pz.nx.NamedArrayView):
     if "embedding" not in batch.named_shape:
       raise errors.InputError(
         f"Activations need an 'embedding' axis; got {dict(batch.named_shape)}."
       )
-    others = [a for a in batch.named_shape if a != "embedding"]
-    batch = batch.unwrap(*others, "embedding")
+    axes = (*[a for a in batch.named_shape if a != "embedding"], "embedding")
+    batch = batch.unwrap(*axes)
   rows = to_numpy(batch, np.float32)
   if rows.ndim < 2:
     raise errors.InputError(f"Activations need a feature axis; got shape {rows.shape}.")
+  bad = ~np.isfinite(rows)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    row = dict(zip(axes[:-1], first[:-1], strict=True)) if axes else first[:-1]
+    count = int(bad.any(-1).sum())
+    raise errors.InputError(
+      f"{where}: NaN or infinite values (as float32) in {count} of"
+      f" {bad[..., 0].size} rows; the first in row {row} (embedding"
+      f" {first[-1]}: {rows[first]}). An SAE trained on them would be NaN;"
+      " drop or fix those rows."
+    )
   return rows.reshape(-1, rows.shape[-1])
 
 
 def _batches(data: Any, batch_size: int, rng: np.random.Generator) -> Iterator:
-  """Endless ``[batch_size, d]`` batches: shuffled epochs of an array, or the
-  iterator's own batches."""
-  if isinstance(data, np.ndarray | jax.Array | pz.nx.NamedArray | pz.nx.NamedArrayView):
-    rows = _as_rows(data)
+  """Endless ``[batch_size, d]`` batches: shuffled epochs of ``[rows, d]``
+  numpy rows, or an iterator's own batches (each checked by `_as_rows`)."""
+  if isinstance(data, np.ndarray):
+    rows = data
     if len(rows) < batch_size:
       raise errors.InputError(
         f"{len(rows)} activation rows are fewer than batch_size={batch_size}."
@@ -126,8 +143,8 @@ def _batches(data: Any, batch_size: int, rng: np.random.Generator) -> Iterator:
       for i in range(0, len(rows) - batch_size + 1, batch_size):
         yield rows[order[i : i + batch_size]]
   else:
-    for batch in data:
-      yield _as_rows(batch)
+    for i, batch in enumerate(data):
+      yield _as_rows(batch, f"Activation batch {i} (0-based) of the iterator")
 
 
 def _init(key: jax.Array, d: int, width: int, threshold: float, b_dec: np.ndarray):
@@ -211,7 +228,10 @@ def train_jumprelu_sae(
     with its `SAEInfo` set.
 
   Raises:
-    InputError: Bad activations or settings. SAEError: Unknown site.
+    InputError: Bad activations (e.g. NaN, naming the first row or batch) or
+      settings. SAEError: Unknown site; or training diverged: the loss or a
+      parameter became NaN/infinite (tracked on the device every step, checked
+      every ``log_every`` steps and at the end; names the first such step).
     ShardingError: The mesh lacks a mesh axis the rules name.
   """
   if site not in _SITE_FAMILY:
@@ -225,17 +245,15 @@ def train_jumprelu_sae(
       "train_jumprelu_sae needs optax: pip install 'gemma-surgery[train]'."
     ) from e
   rng = np.random.default_rng(seed)
-  batches = _batches(activations, batch_size, rng)
+  arrays = isinstance(activations, _ARRAYS)
+  data = _as_rows(activations, "Activations") if arrays else activations
+  batches = _batches(data, batch_size, rng)
   first = next(batches, None)
   if first is None:
     raise errors.InputError("The activation iterator yielded no batch.")
   batches = itertools.chain([first], batches)
   d = first.shape[-1]
-  reference = (
-    _as_rows(activations)
-    if isinstance(activations, np.ndarray | jax.Array | pz.nx.NamedArray)
-    else first
-  )
+  reference = data if arrays else first
   scale = float(1.0 / np.sqrt(np.mean(np.sum(reference.astype(np.float64) ** 2, -1))))
   mean = reference.mean(0) * scale if init_b_dec_to_mean else np.zeros(d, np.float32)
   params = _init(jax.random.key(seed), d, width, initial_threshold, mean)
@@ -258,7 +276,7 @@ def train_jumprelu_sae(
     return mse + lam * l0, (mse, l0)
 
   @jax.jit
-  def update(p, state, x, lam):
+  def update(p, state, x, lam, step_no, first_bad):
     (loss, (mse, l0)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, lam)
     # Remove the gradient component along each unit-norm decoder row.
     rows = p["w_dec"]
@@ -266,22 +284,37 @@ def train_jumprelu_sae(
     updates, state = opt.update(g, state, p)
     p = optax.apply_updates(p, updates)
     p["w_dec"] = _normalize_rows(p["w_dec"])
-    return p, state, jnp.stack([loss, mse, l0])
+    finite = [jnp.isfinite(loss)] + [jnp.isfinite(v).all() for v in p.values()]
+    ok = jnp.stack(finite).all()
+    first_bad = jnp.where((first_bad == 0) & ~ok, step_no, first_bad)
+    return p, state, jnp.stack([loss, mse, l0]), first_bad
 
-  bar = tqdm(total=steps, desc="Training JumpReLU SAE", disable=not progress)
-  for i in range(steps):
-    x = next(batches, None)
-    if x is None:
-      raise errors.InputError(f"The activation iterator ran out after {i} steps.")
-    lam = sparsity_coefficient * min(1.0, (i + 1) / max(warm, 1))
-    params, state, stats = update(params, state, put_batch(x * scale), lam)
-    bar.update()
-    if (i + 1) % log_every == 0 or i + 1 == steps:
-      loss, mse, l0 = (float(v) for v in stats)
-      bar.set_postfix(loss=f"{loss:.4f}", l0=f"{l0:.1f}")
-      if on_log is not None:
-        on_log(dict(step=i + 1, loss=loss, mse=mse, l0=l0, sparsity_coefficient=lam))
-  bar.close()
+  def check_finite(first_bad: jax.Array, done: int) -> None:
+    bad = int(to_numpy(first_bad))
+    if bad:
+      raise errors.SAEError(
+        f"Training diverged: the loss or a parameter became NaN or infinite at"
+        f" step {bad} (stopped after step {done} of {steps}); e.g. lower"
+        f" learning_rate={learning_rate} or check the activations' scale."
+      )
+
+  first_bad = jnp.zeros((), jnp.int32)  # first non-finite step (1-based), 0: none
+  with tqdm(total=steps, desc="Training JumpReLU SAE", disable=not progress) as bar:
+    for i in range(steps):
+      x = next(batches, None)
+      if x is None:
+        raise errors.InputError(f"The activation iterator ran out after {i} steps.")
+      lam = sparsity_coefficient * min(1.0, (i + 1) / max(warm, 1))
+      params, state, stats, first_bad = update(
+        params, state, put_batch(x * scale), lam, i + 1, first_bad
+      )
+      bar.update()
+      if (i + 1) % log_every == 0 or i + 1 == steps:
+        check_finite(first_bad, i + 1)
+        loss, mse, l0 = (float(v) for v in stats)
+        bar.set_postfix(loss=f"{loss:.4f}", l0=f"{l0:.1f}")
+        if on_log is not None:
+          on_log(dict(step=i + 1, loss=loss, mse=mse, l0=l0, sparsity_coefficient=lam))
   return _to_autoencoder(params, scale, site, layer, source)
 
 
@@ -334,50 +367,3 @@ def _to_autoencoder(
     hook_in=hookpoints.hf_hook(site, layer),
   )
   return AutoEncoder.from_arrays(arrays, info, name=source)
-
-
-def save_gemma_scope_2(
-  sae: AutoEncoder, folder: Any, *, l0: str, model_name: str
-) -> None:
-  """Writes ``params.safetensors`` + ``config.json`` in the Gemma Scope 2 layout.
-
-  Args:
-    sae: The SAE (not a transcoder).
-    folder: Output folder, conventionally ``<family>/layer_L_width_W_l0_X``
-      (e.g. ``resid_post/layer_1_width_512_l0_medium``).
-    l0: The L0 label written to ``config.json`` (``small``/``medium``/``big``).
-    model_name: The model it was trained on.
-  """
-  import json
-  import pathlib
-
-  from safetensors.numpy import save_file
-
-  folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  arrays = {
-    name: np.ascontiguousarray(
-      to_numpy(getattr(sae, attr).value.unwrap(*axes), np.float32)
-    )
-    for name, attr, axes in (
-      ("w_enc", "w_enc", ("embedding", "latents")),
-      ("w_dec", "w_dec", ("latents", "embedding")),
-      ("b_enc", "b_enc", ("latents",)),
-      ("b_dec", "b_dec", ("embedding",)),
-    )
-  }
-  arrays["threshold"] = to_numpy(
-    sae.activation.threshold.value.unwrap("latents"), np.float32
-  )
-  save_file(arrays, str(folder / "params.safetensors"))
-  config = dict(
-    hf_hook_point_in=sae.info.hook_in,
-    hf_hook_point_out=sae.info.hook_in,
-    width=sae.info.width,
-    l0=l0,
-    model_name=model_name,
-    architecture="jump_relu",
-    affine_connection=False,
-    type="sae",
-  )
-  (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -8,8 +8,15 @@ the clean/corrupted prompt pair its patching section uses.
 from gemma_surgery.tour.run import (
   DEFAULT_PROMPT,
   TourContext,
+  check_out,
   induction_patching_prompts,
   run_tour,
 )
 
-__all__ = ["DEFAULT_PROMPT", "TourContext", "induction_patching_prompts", "run_tour"]
+__all__ = [
+  "DEFAULT_PROMPT",
+  "TourContext",
+  "check_out",
+  "induction_patching_prompts",
+  "run_tour",
+]

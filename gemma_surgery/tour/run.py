@@ -286,6 +286,25 @@ SECTIONS: dict[str, Callable[[TourContext], None]] = {
 }
 
 
+def check_out(out: str | pathlib.Path) -> pathlib.Path:
+  """``out`` as a path, if it is a folder or can be created as one.
+
+  Raises:
+    InputError: ``out``, or a folder above it, is a file (named).
+  """
+  out = pathlib.Path(out)
+  for folder in (out, *out.parents):
+    if folder.exists():
+      if not folder.is_dir():
+        where = "is" if folder == out else f"is under {str(folder)!r}, which is"
+        raise errors.InputError(
+          f"Output folder {str(out)!r} {where} a file; pass a folder (it is"
+          " created if absent)."
+        )
+      break
+  return out
+
+
 def run_tour(
   lm: LoadedModel,
   out: str | pathlib.Path,
@@ -306,14 +325,21 @@ def run_tour(
   Returns:
     The path of the report.
 
+  Raises:
+    InputError: ``out`` can't be a folder (checked before any analysis).
+    TokenizerError: ``lm`` has no tokenizer.
+
   On several processes (a model loaded onto a mesh that spans them, see
   `gemma_surgery.parallel.distributed`) every process runs every analysis, and only
   process 0 writes the files; the others return the same path.
   """
-  out = pathlib.Path(out)
+  out = check_out(out)
   primary = jax.process_index() == 0
   if primary:
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+      out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise errors.InputError(f"Cannot create output folder {str(out)!r}: {e}") from e
   prompt = DEFAULT_PROMPT if prompt is None else prompt
   if lm.tokenizer is None:
     raise errors.TokenizerError(

@@ -16,6 +16,8 @@ import pathlib
 import secrets
 from typing import Any
 
+from gemma_surgery import atomic
+
 SPACE_MARKER = "␣"
 NEWLINE_MARKER = "↵"
 TAB_MARKER = "⇥"
@@ -150,10 +152,8 @@ class HtmlView:
     return document(self.body, self.title)
 
   def save(self, path: str | os.PathLike) -> pathlib.Path:
-    """Writes `to_html()` to `path` (UTF-8) and returns the path."""
-    path = pathlib.Path(path)
-    path.write_text(self.to_html(), encoding="utf-8")
-    return path
+    """Writes `to_html()` to `path` (UTF-8, atomically) and returns the path."""
+    return atomic.write_text(path, self.to_html())
 
   def __repr__(self) -> str:
     return f"<{type(self).__name__} {self.title!r}: {len(self.body)} chars of HTML>"

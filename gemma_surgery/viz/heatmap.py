@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from gemma_surgery import atomic
 from gemma_surgery.errors import InputError
 from gemma_surgery.viz import _arrays, _colors, _html
 
@@ -102,10 +103,8 @@ class Heatmap(_html.HtmlView):
     return buf.getvalue()
 
   def save_png(self, path: str | os.PathLike, **kwargs: Any) -> pathlib.Path:
-    """Writes the PNG to `path` and returns it (needs matplotlib)."""
-    path = pathlib.Path(path)
-    path.write_bytes(self.to_png(**kwargs))
-    return path
+    """Writes the PNG to `path` (atomically) and returns it (needs matplotlib)."""
+    return atomic.write_bytes(path, self.to_png(**kwargs))
 
 
 def heatmap(

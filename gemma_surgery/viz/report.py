@@ -6,6 +6,7 @@ import base64
 import os
 import pathlib
 
+from gemma_surgery import atomic
 from gemma_surgery.viz import _html
 
 _MIME = {
@@ -103,11 +104,14 @@ class Report:
     return _html.runtime() + self.body()
 
   def save(self, path: str | os.PathLike) -> pathlib.Path:
-    """Writes the page to `path` (UTF-8), creating parent folders."""
+    """Writes the page to `path` (UTF-8), creating parent folders.
+
+    The write is atomic (`gemma_surgery.atomic`): if it fails, a report
+    already at `path` stays complete.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(self.to_html(), encoding="utf-8")
-    return path
+    return atomic.write_text(path, self.to_html())
 
   def __len__(self) -> int:
     return len(self._parts)

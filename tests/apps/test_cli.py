@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -189,3 +191,92 @@ def test_tour_writes_a_self_contained_report_with_pngs(capsys, tmp_path):
   pngs = sorted(p.name for p in tmp_path.glob("*.png"))
   assert "patching_resid_post.png" in pngs and "heads_induction.png" in pngs
   assert all((tmp_path / p).read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+def _error_line(stderr: str) -> str:
+  """The one ``error:`` line of a failed command (no traceback)."""
+  lines = [line for line in stderr.splitlines() if "error:" in line]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "two"])
+def test_sae_features_k_below_one_is_a_usage_error(capsys, tmp_path, k):
+  folder = write_gs2(tmp_path, "resid_post", 2, random_sae(0))
+  argv = ["sae-features", *_fixture_args(), "--sae", str(folder), "--prompt", "x"]
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([*argv, "--k", k])
+  assert exit_info.value.code == 2
+  line = _error_line(capsys.readouterr().err)
+  assert "argument --k" in line
+  assert ("'two' is not an integer" if k == "two" else "valid: 1 or more") in line
+
+
+def test_sae_features_k_above_the_width_names_the_range(capsys, tmp_path):
+  folder = write_gs2(tmp_path, "resid_post", 2, random_sae(0))  # 128 latents
+  argv = ["sae-features", *_fixture_args(), "--sae", str(folder), "--prompt", "x"]
+  assert cli.main([*argv, "--k", "129"]) == 2
+  line = _error_line(capsys.readouterr().err)
+  assert "--k 129 is out of range" in line and "valid: 1..128" in line
+
+
+class _Touch:
+  """Unpickling it would create ``marker``."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (pathlib.Path.touch, (self.marker,))
+
+
+def _bad_vectors(tmp_path) -> dict[str, tuple]:
+  """name -> (path, what the error line must say)."""
+  marker = tmp_path / "unpickled"
+  np.save(tmp_path / "pickled.npy", np.array([_Touch(marker)], object))
+  np.save(tmp_path / "matrix.npy", np.zeros((2, 64), np.float32))
+  np.save(tmp_path / "short.npy", np.zeros(10, np.float32))
+  np.savez(tmp_path / "archive.npz", v=np.zeros(64, np.float32))
+  (tmp_path / "garbage.npy").write_bytes(b"not an npy file")
+  (tmp_path / "raw.pkl").write_bytes(pickle.dumps(_Touch(marker)))
+  return {
+    "missing": (tmp_path / "absent.npy", "no such file"),
+    "pickled": (tmp_path / "pickled.npy", "pickled (object) data, which is never"),
+    "matrix": (tmp_path / "matrix.npy", "float32 array of shape (2, 64)"),
+    "short": (tmp_path / "short.npy", "has 10 values, but the model's d_model is 64"),
+    "archive": (tmp_path / "archive.npz", "is an .npz archive"),
+    "raw_pickle": (tmp_path / "raw.pkl", "is a pickle (never loaded)"),
+    "garbage": (tmp_path / "garbage.npy", "is not a .npy file"),
+  }
+
+
+@pytest.mark.parametrize(
+  "name",
+  ["missing", "pickled", "matrix", "short", "archive", "garbage", "raw_pickle"],
+)
+def test_generate_bad_vector_files_exit_2_with_one_error_line(capsys, tmp_path, name):
+  path, says = _bad_vectors(tmp_path)[name]
+  argv = ["generate", *_fixture_args(), "--prompt", "x", "--layer", "1"]
+  assert cli.main([*argv, "--vector", str(path)]) == 2
+  err = capsys.readouterr().err
+  line = _error_line(err)
+  assert str(path) in line and says in line
+  assert "shape (64,)" in line or "d_model values" in line  # what is expected
+  if name != "short":  # the file is read before the model loads
+    assert not any(line.startswith("loaded ") for line in err.splitlines())
+  assert not (tmp_path / "unpickled").exists()
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_tour_out_on_a_file_exits_2_before_loading(capsys, tmp_path, under):
+  file = tmp_path / "notes.txt"
+  file.write_text("keep me")
+  out = file / "tour" if under else file
+  argv = ["tour", "--model", str(HF_FIXTURES / "gemma2"), "--tokenizer", str(TOKENIZER)]
+  assert cli.main([*argv, "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  line = _error_line(err)
+  assert repr(str(out)) in line and "a file; pass a folder" in line
+  assert repr(str(file)) in line
+  assert not any(line.startswith("loaded ") for line in err.splitlines())
+  assert file.read_text() == "keep me"

@@ -194,3 +194,19 @@ def test_corpus_metrics_equal_array_metrics_on_the_concatenation(model, sae):
 def test_out_of_range_features_raise_sae_error(model, sae, call):
   with pytest.raises(errors.SAEError, match="0..127|1..128"):
     call(model, sae[0])
+
+
+def test_logit_lens_of_an_sae_of_another_width_is_refused(model):
+  arrays = W.random_sae(5, d_in=32)
+  info = SAEInfo(family="res", layer=LAYER, site="resid_post", d_in=32, width=W.WIDTH)
+  enc = AutoEncoder.from_arrays(arrays, info)
+  with pytest.raises(errors.SAEError, match=r"input size is 32.* has 64 dim"):
+    features.feature_logit_lens(model, enc, 0)
+
+
+def test_evaluate_on_an_empty_corpus_is_an_input_error(model, sae):
+  with pytest.raises(errors.InputError, match="corpus yielded no batch"):
+    evaluate(model, sae[0], [], progress=False)
+  only_specials = np.array([[2, 0, 1, 0]], np.int32)  # nothing counted: no NaNs
+  with pytest.raises(errors.InputError, match=r"no counted token.*\(0, 1, 2\)"):
+    evaluate(model, sae[0], [only_specials], progress=False)

@@ -158,6 +158,35 @@ def test_bfloat16_weights_keep_a_float32_threshold(tmp_path):
   )
 
 
+@pytest.mark.parametrize(
+  "alias,expected",
+  [
+    ("fp32", jnp.float32),
+    ("F32", jnp.float32),
+    ("bf16", jnp.bfloat16),
+    ("fp16", jnp.float16),
+    (np.float16, jnp.float16),
+  ],
+)
+def test_dtype_aliases(tmp_path, alias, expected):
+  arrays = W.random_sae(5)
+  sae = load_sae(W.write_gs1(tmp_path, "gemma-scope-2b-pt-res", 0, arrays), dtype=alias)
+  assert sae.w_enc.value.dtype == expected
+  w_enc = np.asarray(sae.w_enc.value.unwrap("embedding", "latents"), np.float32)
+  np.testing.assert_array_equal(w_enc, arrays["w_enc"].astype(expected))
+
+
+@pytest.mark.parametrize("dtype", ["int8", np.int32, "uint8", "bool", "fp64", "f32x"])
+def test_non_float_dtypes_are_refused(tmp_path, dtype):
+  arrays = W.random_sae(5)
+  folder = W.write_gs1(tmp_path, "gemma-scope-2b-pt-res", 0, arrays)
+  with pytest.raises(errors.SAEError, match=r"dtype .* not supported; valid: float32"):
+    load_sae(folder, dtype=dtype)
+  info = load_sae(folder).info
+  with pytest.raises(errors.SAEError, match=r"valid: float32 \(fp32/f32\), bfloat16"):
+    AutoEncoder.from_arrays(arrays, info, dtype=dtype)
+
+
 def test_jumprelu_is_z_times_step():
   theta = np.array([-1.0, 0.0, 0.5, 2.0], np.float32)
   z = np.array([[-0.5, 0.0, 0.5, 3.0], [-2.0, 1.0, 0.6, 1.9]], np.float32)

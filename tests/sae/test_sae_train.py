@@ -120,3 +120,63 @@ def test_bad_inputs_raise_library_errors():
     gs.sae.train_jumprelu_sae(np.zeros((8, 4)), width=4, steps=1, batch_size=16)
   with pytest.raises(gs.InputError):
     gs.sae.train_jumprelu_sae(iter([]), width=4, steps=1)
+
+
+def test_nan_activations_are_refused_naming_the_first_row():
+  x = np.ones((3, 5, 4), np.float32)
+  x[1, 3, 2] = np.nan
+  x[2, 0, 0] = np.inf
+  with pytest.raises(
+    gs.InputError,
+    match=r"NaN or infinite.* 2 of 15 rows; the first in row \(1, 3\) \(embedding 2",
+  ):
+    gs.sae.train_jumprelu_sae(x, width=4, steps=1, batch_size=4, progress=False)
+  named = pz.nx.wrap(jnp.asarray(x)).tag("batch", "seq", "embedding")
+  with pytest.raises(
+    gs.InputError, match=r"row \{'batch': 1, 'seq': 3\} \(embedding 2"
+  ):
+    gs.sae.train_jumprelu_sae(named, width=4, steps=1, batch_size=4, progress=False)
+
+
+def test_a_nan_batch_of_an_iterator_is_named():
+  batches = [np.ones((8, 4), np.float32) for _ in range(4)]
+  batches[2][5, 1] = np.nan
+  with pytest.raises(gs.InputError, match=r"batch 2 .*row \(5,\) \(embedding 1"):
+    gs.sae.train_jumprelu_sae(iter(batches), width=4, steps=4, progress=False)
+
+
+def _batches_overflowing_at(step: int, served: list[int]):
+  """Finite float32 batches; the one of ``step`` (1-based) is so large that
+  its squared error overflows float32 (the loss becomes infinite)."""
+  rng = np.random.default_rng(0)
+  for i in range(1000):
+    served.append(i)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    yield x * np.float32(1e30) if i + 1 == step else x
+
+
+def test_a_diverging_run_stops_with_the_step_that_went_non_finite():
+  served: list[int] = []
+  with pytest.raises(
+    gs.SAEError, match=r"diverged.* at step 5 \(stopped after step 10"
+  ):
+    gs.sae.train_jumprelu_sae(
+      _batches_overflowing_at(5, served),
+      width=4,
+      steps=1000,
+      log_every=10,
+      progress=False,
+    )
+  assert len(served) == 10  # it stopped instead of training on
+  # Control: the same stream without the overflowing batch trains to the end.
+  sae = gs.sae.train_jumprelu_sae(
+    _batches_overflowing_at(0, []), width=4, steps=20, log_every=10, progress=False
+  )
+  assert np.isfinite(np.asarray(sae.w_enc.value.unwrap("embedding", "latents"))).all()
+
+
+def test_divergence_after_the_last_log_point_is_caught_at_the_end():
+  with pytest.raises(gs.SAEError, match=r"at step 7 \(stopped after step 8 of 8\)"):
+    gs.sae.train_jumprelu_sae(
+      _batches_overflowing_at(7, []), width=4, steps=8, log_every=5, progress=False
+    )
