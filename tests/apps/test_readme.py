@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 import sys
 
 from helpers.paths import ROOT
@@ -42,3 +44,29 @@ def test_embedded_model_table_is_the_manifests():
   manifest = copy.deepcopy(gs_assets.manifest())
   manifest["metrics"]["heldout_loss"] += 1.0
   assert "\n".join(readme_embedded.table_rows(manifest)) not in README
+
+
+def test_the_quickstart_runs_verbatim_and_steering_shows():
+  start = README.index("## Quickstart")
+  begin = README.index("```python\n", start) + len("```python\n")
+  body = README[begin : README.index("```\n", begin)]
+  assert len(body.strip().splitlines()) <= 15
+  # The block runs as written; the lines after it only report what it made.
+  check = (
+    "\nimport json\n"
+    "texts = [gs.generate(m, ['The default value is'], max_new_tokens=12,"
+    " tokenizer=tok).text[0] for m in (model, steered)]\n"
+    "print('@@' + json.dumps(texts))\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", body + check],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert "'embedding': 256" in lines[0] and "'latents': 1024" in lines[1]
+  base, steered = json.loads(out.stdout.split("@@")[-1])
+  assert base.strip() and base != steered, (base, steered)
