@@ -3,7 +3,8 @@
 Every error the library raises on bad input derives from `GemmaSurgeryError`, so
 callers can catch the whole family with one clause, or a precise subclass when
 they want to react to one kind of problem. Messages name what was wrong and what
-would have been valid.
+would have been valid. `ReplicationWarning` is the one warning class: a
+result that is correct but costs more memory than the user likely expects.
 """
 
 from __future__ import annotations
@@ -51,3 +52,11 @@ class SAEError(GemmaSurgeryError, ValueError):
 
 class DistributedError(GemmaSurgeryError, RuntimeError):
   """Several processes can't form one run (coordinator, process counts, ids)."""
+
+
+class ReplicationWarning(UserWarning):
+  """A mesh leaves parameters replicated that the sharding rules would split.
+
+  The model runs, but each such parameter is copied on every device of the
+  mesh axis it couldn't be split over (e.g. 2 kv heads on ``model=4``).
+  """

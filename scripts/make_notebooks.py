@@ -179,7 +179,8 @@ INDUCTION = [
   ("md", "## Induction scores on repeated random tokens"),
   (
     "code",
-    "ind = an.induction_scores(model, length=24, batch=4, bos_id=lm.config.bos_id)\n"
+    "# draws the tokenizer's ordinary pieces (no control or byte pieces)\n"
+    "ind = an.induction_scores(model, length=24, batch=4, tokenizer=tok)\n"
     "print(f'loss: first repeat {ind.loss_first:.2f}, second repeat {ind.loss_second:.2f}')\n"
     "print('best heads (layer, head, score):', ind.best_heads(3))\n"
     "viz.heatmap(ind.scores, row_labels=list(range(lm.config.num_layers)),\n"
@@ -218,7 +219,7 @@ INDUCTION = [
   (
     "code",
     "from gemma_surgery.tour import induction_patching_prompts\n"
-    "clean, corrupt, correct, wrong = induction_patching_prompts(lm.config.vocab_size, bos_id=lm.config.bos_id)\n"
+    "clean, corrupt, correct, wrong = induction_patching_prompts(lm.config.vocab_size, bos_id=lm.config.bos_id, tokenizer=tok)\n"
     "sweep = an.patching_sweep(model, clean, corrupt, an.logit_difference(correct, wrong), site='attn.z', by='head')\n"
     "viz.heatmap(sweep.normalized, row_labels=sweep.layers, col_labels=list(range(lm.config.num_heads)),\n"
     "            col_title='head', value_label='restored')",

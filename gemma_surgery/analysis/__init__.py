@@ -1,5 +1,9 @@
 """Analyses: pure functions over models and activations (named axes in, numpy out).
 
+Results are numpy that knows its axis names: result dataclasses have
+``named()`` (``{field: NamedArray}``) and ``axes()``; functions returning a
+bare array take ``named=True`` (see `named` for the axis names).
+
 * `logit_lens`: premature decoding of the residual stream after the embedding
   and every sublayer, with the change each sublayer made.
 * `neurons`: top-k MLP neurons per token, neuron → token projections,
@@ -9,9 +13,11 @@
   knockout losses.
 * `patching`: activation patching sweeps (layers × positions or heads), all
   patches of a sweep batched into a few jitted calls.
+* `random_tokens`: which ids random-token analyses draw (`token_pool`) and
+  repeated random sequences.
 """
 
-from gemma_surgery.analysis import attention, neurons, patching
+from gemma_surgery.analysis import attention, named, neurons, patching, random_tokens
 from gemma_surgery.analysis.attention import (
   InductionResult,
   attention_patterns,
@@ -21,7 +27,6 @@ from gemma_surgery.analysis.attention import (
   knockout_losses,
   mask_bos,
   previous_token_scores,
-  repeated_tokens,
   token_losses,
 )
 from gemma_surgery.analysis.logit_lens import LogitLens, logit_lens
@@ -37,6 +42,7 @@ from gemma_surgery.analysis.patching import (
   logit_difference,
   patching_sweep,
 )
+from gemma_surgery.analysis.random_tokens import repeated_tokens, token_pool
 from gemma_surgery.surgery.readout import readout_head, top_tokens
 
 __all__ = [
@@ -55,14 +61,17 @@ __all__ = [
   "logit_difference",
   "logit_lens",
   "mask_bos",
+  "named",
   "neuron_tokens",
   "neurons",
   "patching",
   "patching_sweep",
   "previous_token_scores",
+  "random_tokens",
   "readout_head",
   "repeated_tokens",
   "token_losses",
+  "token_pool",
   "top_neurons",
   "top_tokens",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors
+from gemma_surgery.analysis.named import STAGE, TOKEN_AXES, TOP_K, NamedResult
 from gemma_surgery.generation.inputs import named_tokens, token_batch
 from gemma_surgery.host import to_numpy
 from gemma_surgery.surgery import capture, sites
@@ -29,8 +30,12 @@ from gemma_surgery.tokenizer import as_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
-class LogitLens:
+class LogitLens(NamedResult):
   """Premature decoding of every residual stage.
+
+  ``named()`` gives the arrays as NamedArrays: ``tokens``/``final_ids``
+  ``{batch, seq}``, ``top_ids``/``top_probs`` ``{stage, batch, seq, top_k}``,
+  ``change`` ``{stage, batch, seq}``.
 
   Attributes:
     labels: One label per stage: ``"embed"``, then ``"attn L"`` and ``"mlp
@@ -43,6 +48,14 @@ class LogitLens:
       predecessor).
     final_ids: ``[batch, seq]`` the model's actual top-1 prediction.
   """
+
+  AXES = {
+    "tokens": TOKEN_AXES,
+    "top_ids": (STAGE, "batch", "seq", TOP_K),
+    "top_probs": (STAGE, "batch", "seq", TOP_K),
+    "change": (STAGE, "batch", "seq"),
+    "final_ids": TOKEN_AXES,
+  }
 
   labels: list[str]
   tokens: np.ndarray

@@ -15,6 +15,14 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors
+from gemma_surgery.analysis.named import (
+  KIND,
+  LAYER,
+  TOKEN_AXES,
+  TOP_K,
+  NamedResult,
+  wrap,
+)
 from gemma_surgery.generation import generate
 from gemma_surgery.generation.inputs import named_tokens, token_batch
 from gemma_surgery.host import to_numpy
@@ -23,11 +31,15 @@ from gemma_surgery.surgery.readout import readout_head, top_tokens
 from gemma_surgery.surgery.run import jit_forward
 
 _WEIGHTS = {"gate": "gating_linear", "up": "value_linear", "down": "out_linear"}
+KINDS = tuple(_WEIGHTS)
 
 
 @dataclasses.dataclass(frozen=True)
-class TopNeurons:
+class TopNeurons(NamedResult):
   """The most active MLP neurons per token.
+
+  ``named()`` gives ``tokens`` ``{batch, seq}`` and ``ids``/``values``
+  ``{layer, batch, seq, top_k}`` as NamedArrays.
 
   Attributes:
     layers: The layers analysed.
@@ -35,6 +47,12 @@ class TopNeurons:
     ids: ``[layer, batch, seq, k]`` neuron indices, most active first.
     values: ``[layer, batch, seq, k]`` their ``mlp.hidden`` activations.
   """
+
+  AXES = {
+    "tokens": TOKEN_AXES,
+    "ids": (LAYER, "batch", "seq", TOP_K),
+    "values": (LAYER, "batch", "seq", TOP_K),
+  }
 
   layers: list[int]
   tokens: np.ndarray
@@ -61,7 +79,7 @@ def top_neurons(
   patched, top = interventions.capture_topk(model, "mlp.hidden", chosen, k)
   jit_forward(patched)(named_tokens(ids))
   values, indices = zip(*(top["mlp.hidden", layer] for layer in chosen), strict=True)
-  axes = ("batch", "seq", "top_k")
+  axes = ("batch", "seq", TOP_K)
   return TopNeurons(
     layers=chosen,
     tokens=ids,
@@ -97,8 +115,12 @@ def neuron_weights(model: Any, layer: int, kind: str) -> pz.nx.NamedArray:
 
 
 @dataclasses.dataclass(frozen=True)
-class NeuronTokens:
+class NeuronTokens(NamedResult):
   """Tokens a neuron's weight directions map to through the read-out head.
+
+  ``named()`` gives ``top_ids``, ``top_logits``, ``bottom_ids`` and
+  ``bottom_logits`` as NamedArrays ``{kind, top_k}``, kinds in the order
+  of `KINDS` (gate, up, down).
 
   Attributes:
     layer: Layer index.
@@ -108,10 +130,26 @@ class NeuronTokens:
     bottom: The same for the most negative logits.
   """
 
+  AXES = {
+    f"{end}_{what}": (KIND, TOP_K)
+    for end in ("top", "bottom")
+    for what in ("ids", "logits")
+  }
+
   layer: int
   neuron: int
   top: dict[str, tuple[np.ndarray, np.ndarray, list[str] | None]]
   bottom: dict[str, tuple[np.ndarray, np.ndarray, list[str] | None]]
+
+  def named(self) -> dict[str, pz.nx.NamedArray]:
+    """``{top,bottom}_{ids,logits}`` as NamedArrays ``{kind, top_k}``."""
+    out = {}
+    for end in ("top", "bottom"):
+      found = getattr(self, end)
+      for i, what in enumerate(("ids", "logits")):
+        stacked = np.stack([found[kind][i] for kind in KINDS])
+        out[f"{end}_{what}"] = wrap(stacked, (KIND, TOP_K))
+    return out
 
 
 def neuron_tokens(
@@ -133,7 +171,7 @@ def neuron_tokens(
     raise errors.InputError(f"neuron={neuron!r} is outside 0..{width - 1}.")
   head = readout_head(model)
   top, bottom = {}, {}
-  for kind in _WEIGHTS:
+  for kind in KINDS:
     direction = neuron_weights(model, layer, kind)[{"neurons": int(neuron)}]
     logits = head(direction.astype(jnp.float32)).unwrap("vocabulary")
     logits = to_numpy(logits, np.float64)

@@ -22,6 +22,7 @@ import tqdm.auto as tqdm
 from penzai import pz
 
 from gemma_surgery import errors
+from gemma_surgery.analysis.named import LAYER, NamedResult
 from gemma_surgery.generation.inputs import named_tokens, token_batch
 from gemma_surgery.host import to_numpy
 from gemma_surgery.surgery import capture, sites
@@ -32,19 +33,69 @@ from gemma_surgery.surgery.run import call_model, jit_forward, run_frozen
 Metric = Callable[[pz.nx.NamedArray], Any]
 
 
+def _check_int(name: str, value: Any) -> int:
+  """``value`` as a Python int; InputError for bools, floats, strings..."""
+  if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    raise errors.InputError(
+      f"{name}={value!r} must be an int (a token id or position), got"
+      f" {type(value).__name__}."
+    )
+  return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class LogitDifference:
   """Metric ``logit[correct] − logit[wrong]`` at ``position``, per batch row.
 
   A frozen dataclass: equal arguments compare equal, so sweeps with the same
-  metric share compilations.
+  metric share compilations. Ids and the position are checked against the
+  logits' static ``vocabulary`` and ``seq`` sizes when called (also inside
+  ``jit``), so an id outside the vocabulary can't be clamped by JAX into
+  another token's logit.
+
+  Attributes:
+    correct: Token id whose logit counts positively, in ``0..vocab − 1``.
+    wrong: Token id whose logit counts negatively, in ``0..vocab − 1``.
+    position: The ``seq`` position read; negative counts from the end.
   """
 
   correct: int
   wrong: int
   position: int = -1
 
+  def __post_init__(self) -> None:
+    for name in ("correct", "wrong", "position"):
+      _check_int(name, getattr(self, name))
+    for name in ("correct", "wrong"):
+      if getattr(self, name) < 0:
+        raise errors.InputError(
+          f"{name}={getattr(self, name)} is a negative token id; token ids are"
+          " 0..vocab_size − 1 (negative ids would silently read the logits of"
+          " tokens counted from the end of the vocabulary)."
+        )
+
+  def check(self, vocab_size: int, seq: int) -> None:
+    """Checks the ids against ``vocab_size`` and the position against ``seq``.
+
+    Raises:
+      InputError: An id outside ``0..vocab_size − 1`` or a position outside
+        ``−seq..seq − 1``.
+    """
+    for name in ("correct", "wrong"):
+      if not 0 <= getattr(self, name) < vocab_size:
+        raise errors.InputError(
+          f"logit_difference: {name}={getattr(self, name)} is outside the"
+          f" vocabulary; token ids are 0..{vocab_size - 1} (JAX would clamp"
+          " it to another token's logit)."
+        )
+    if not -seq <= self.position < seq:
+      raise errors.InputError(
+        f"The metric reads position {self.position}; prompts have {seq}"
+        f" positions (valid: {-seq}..{seq - 1})."
+      )
+
   def __call__(self, logits: pz.nx.NamedArray) -> Any:
+    self.check(logits.named_shape["vocabulary"], logits.named_shape["seq"])
     at = logits[{"seq": self.position}].unwrap("batch", "vocabulary")
     return at[:, self.correct] - at[:, self.wrong]
 
@@ -77,8 +128,18 @@ def _single_position(metric: Metric) -> tuple[int | None, Metric]:
 
 
 def logit_difference(correct: int, wrong: int, position: int = -1) -> LogitDifference:
-  """`LogitDifference` of two token ids at ``position`` (default: the last)."""
-  return LogitDifference(int(correct), int(wrong), int(position))
+  """`LogitDifference` of two token ids at ``position`` (default: the last).
+
+  Raises:
+    InputError: Ids or position that are not ints, negative ids (ids beyond
+      the vocabulary are refused once the vocabulary is known: by
+      `patching_sweep` before it runs, or when the metric is called).
+  """
+  return LogitDifference(
+    _check_int("correct", correct),
+    _check_int("wrong", wrong),
+    _check_int("position", position),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +153,11 @@ class _MetricOfModel:
 
 
 @dataclasses.dataclass(frozen=True)
-class PatchingResult:
+class PatchingResult(NamedResult):
   """Metric of the corrupted run with each clean piece patched in.
+
+  ``named()`` gives ``scores`` as a NamedArray ``{layer, seq}`` (by
+  position) or ``{layer, heads}`` (by head).
 
   Attributes:
     site: The patched site.
@@ -111,6 +175,10 @@ class PatchingResult:
   clean: float
   corrupted: float
 
+  def axes(self) -> dict[str, tuple[str, ...]]:
+    """``{"scores": (layer, seq | heads)}``."""
+    return {"scores": (LAYER, "seq" if self.by == "position" else "heads")}
+
   @property
   def normalized(self) -> np.ndarray:
     """``(score − corrupted) / (clean − corrupted)``: 1 = fully restored."""
@@ -122,10 +190,27 @@ class PatchingResult:
     return (self.scores - self.corrupted) / span
 
 
+def _per_row(out: Any, batch: int) -> np.ndarray:
+  """The metric's ``[batch]`` values; InputError for any other shape."""
+  named = hasattr(out, "named_shape")
+  if named and (set(out.named_shape) != {"batch"} or out.positional_shape):
+    raise errors.InputError(
+      f"The metric must return one value per batch row ({{batch}}); got a"
+      f" NamedArray with axes {dict(out.named_shape)} and positional shape"
+      f" {out.positional_shape}."
+    )
+  values = to_numpy(out.unwrap("batch") if named else out)
+  if values.shape != (batch,):
+    raise errors.InputError(
+      f"The metric must return one value per batch row, shape ({batch},); got"
+      f" shape {values.shape} (a mean over the batch would mix patches)."
+    )
+  return values
+
+
 def _metric(model: Any, metric: Metric, ids: np.ndarray) -> float:
-  return float(
-    to_numpy(run_frozen(model, _MetricOfModel(metric), named_tokens(ids)))[0]
-  )
+  out = run_frozen(model, _MetricOfModel(metric), named_tokens(ids))
+  return float(_per_row(out, ids.shape[0])[0])
 
 
 def patching_sweep(
@@ -164,7 +249,10 @@ def patching_sweep(
     A `PatchingResult`.
 
   Raises:
-    InputError: Prompts of different shapes or batch sizes other than 1.
+    InputError: Prompts of different shapes or batch sizes other than 1; a
+      `LogitDifference` whose ids lie outside the model's vocabulary or whose
+      position lies outside the prompts (checked before anything runs); a
+      metric that doesn't return one value per batch row.
     SiteError: Unknown site, bad layers, ``by="head"`` at a site without heads.
   """
   info = sites.site_info(site)
@@ -185,19 +273,17 @@ def patching_sweep(
       f"Clean and corrupted must be one prompt each of the same length; got"
       f" shapes {clean_ids.shape} and {bad_ids.shape}."
     )
+  seq = clean_ids.shape[1]
+  if isinstance(metric, LogitDifference):
+    metric.check(model.metadata.vocab_size, seq)
   chosen = sites.layer_indices(model, layers)
   patched, acts = capture(model, site, chosen)
   jit_forward(patched)(named_tokens(clean_ids))
   values = {layer: acts[site, layer][{"batch": 0}] for layer in chosen}
-  seq = clean_ids.shape[1]
   width = seq if by == "position" else next(iter(values.values())).named_shape["heads"]
   items = [(row, col) for row in range(len(chosen)) for col in range(width)]
   scores = np.zeros(len(items))
   position, chunk_metric = _single_position(metric)
-  if position is not None and not -seq <= position < seq:
-    raise errors.InputError(
-      f"The metric reads position {position}; prompts have {seq}."
-    )
   keep = None if position is None else KeepPosition(position)
   starts = range(0, len(items), chunk_size)
   for start in tqdm.tqdm(starts, desc=f"patching {site}", disable=not progress):
@@ -207,7 +293,7 @@ def patching_sweep(
       model_chunk = sites.insert(model_chunk, "final_norm", None, lambda _: keep)
     tokens = np.repeat(bad_ids, chunk_size, axis=0)
     out = run_frozen(model_chunk, _MetricOfModel(chunk_metric), named_tokens(tokens))
-    scores[start : start + len(part)] = to_numpy(out)[: len(part)]
+    scores[start : start + len(part)] = _per_row(out, chunk_size)[: len(part)]
   return PatchingResult(
     site=site,
     by=by,

@@ -164,6 +164,8 @@ def load(
       weight if some parameter that a rule would shard over a mesh axis
       cannot be split over it (its axis sizes don't divide) and would be
       replicated instead (`gemma_surgery.parallel.distributed.check_mesh`).
+      Without it such parameters are replicated and one
+      `errors.ReplicationWarning` names them and their share of memory.
     tokenizer: A tokenizer path or object to use instead of the checkpoint's
       ``tokenizer.model`` (any object with ``encode``/``decode``, including the
       ``gemma`` package's tokenizers).
@@ -219,6 +221,8 @@ def load(
         path, mesh=mesh, rules=sharding_rules, check=check, progress=progress, **kwargs
       )
       model = params.bind_named(config, arrays)
+  if mesh is not None and not strict_sharding:
+    distributed.warn_replicated(config, mesh, sharding_rules)
   found = _load_tokenizer(tokenizer, path)
   if found is not None and found.vocab_size > config.vocab_size:
     raise errors.TokenizerError(

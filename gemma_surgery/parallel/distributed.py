@@ -61,8 +61,10 @@ __all__ = [
   "is_primary",
   "make_mesh",
   "parse_mesh",
+  "replicated_parameters",
   "shutdown",
   "to_numpy",
+  "warn_replicated",
 ]
 
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
@@ -326,6 +328,19 @@ def make_mesh(
   return sharding.make_mesh(shape, devices)
 
 
+def replicated_parameters(
+  config: GemmaConfig, mesh: Mesh, rules: sharding.Rules | None = None
+) -> list[sharding.Replication]:
+  """The parameters of ``config`` that a rule would shard but can't split.
+
+  See `sharding.replicated`; computed from shapes alone (nothing loaded).
+
+  Raises:
+    ShardingError: Rules naming axes the mesh lacks.
+  """
+  return sharding.replicated(parameters.penzai_shapes(config), mesh, rules)
+
+
 def check_mesh(
   config: GemmaConfig, mesh: Mesh, rules: sharding.Rules | None = None
 ) -> None:
@@ -333,8 +348,9 @@ def check_mesh(
 
   With the default (lenient) placement an axis that doesn't divide its mesh
   axis stays replicated: the model still runs, but that parameter is copied
-  on every device of that mesh axis. This raises instead, naming what
-  wouldn't split and which mesh axis sizes would work.
+  on every device of that mesh axis (`warn_replicated` says so). This
+  raises instead, naming what wouldn't split and which mesh axis sizes
+  would work.
 
   Args:
     config: The architecture.
@@ -345,34 +361,30 @@ def check_mesh(
     ShardingError: Rules naming axes the mesh lacks, or parameters that
       would be replicated over a mesh axis of size > 1.
   """
-  rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
-  shapes = parameters.penzai_shapes(config)
-  problems: dict[tuple, list[str]] = {}
-  for label, named in shapes.items():
-    spec = set(sharding.partition_spec(named, 0, mesh, rules))
-    for mesh_axis in {m for a, m in rules if a in named}:
-      if mesh.shape[mesh_axis] > 1 and mesh_axis not in spec:
-        axes = tuple((a, named[a]) for a, m in rules if a in named and m == mesh_axis)
-        problems.setdefault((mesh_axis, axes), []).append(label)
-  if not problems:
+  found = replicated_parameters(config, mesh, rules)
+  if not found:
     return
-  lines = []
-  for (mesh_axis, axes), labels in problems.items():
-    sizes = ", ".join(f"{a}={n}" for a, n in axes)
-    works = [
-      d
-      for d in range(1, mesh.size + 1)
-      if mesh.size % d == 0 and any(n % d == 0 for _, n in axes)
-    ]
-    lines.append(
-      f"{len(labels)} parameter(s) such as {labels[0]!r} ({sizes}) cannot be"
-      f" split over mesh axis {mesh_axis!r} of size {mesh.shape[mesh_axis]}"
-      f" (sizes that would split them: {works})"
-    )
   raise errors.ShardingError(
     f"Mesh {dict(mesh.shape)} doesn't fit this {config.family} model; these"
-    " parameters would be replicated on every device: " + "; ".join(lines) + "."
+    " parameters would be replicated on every device: "
+    + "; ".join(r.describe() for r in found)
+    + "."
   )
+
+
+def warn_replicated(
+  config: GemmaConfig, mesh: Mesh, rules: sharding.Rules | None = None
+) -> list[sharding.Replication]:
+  """One `ReplicationWarning` if the mesh leaves parameters replicated.
+
+  Called by `gemma_surgery.load` with a mesh and ``strict_sharding=False``.
+
+  Returns:
+    What `replicated_parameters` found (empty: no warning).
+  """
+  found = replicated_parameters(config, mesh, rules)
+  sharding.warn_replicated(found, mesh, f"this {config.family} model", stacklevel=4)
+  return found
 
 
 def gather(tree: Any, *, primary_only: bool = False) -> Any:

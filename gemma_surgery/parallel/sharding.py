@@ -14,6 +14,7 @@ exists in recent JAX).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,6 +123,109 @@ def partition_spec(
   return PartitionSpec(*spec)
 
 
+@dataclasses.dataclass(frozen=True)
+class Replication:
+  """Parameters that a mesh leaves replicated over one mesh axis.
+
+  Attributes:
+    mesh_axis: The mesh axis they can't be split over.
+    mesh_size: Its size.
+    axes: ``(axis name, size)`` of the parameters' axes a rule maps to it.
+    labels: The parameters' labels.
+    shares: Each one's share of all the parameters' elements.
+    sizes_that_split: Mesh axis sizes (dividing the device count) that
+      would split them.
+  """
+
+  mesh_axis: str
+  mesh_size: int
+  axes: tuple[tuple[str, int], ...]
+  labels: tuple[str, ...]
+  shares: tuple[float, ...]
+  sizes_that_split: tuple[int, ...]
+
+  @property
+  def share(self) -> float:
+    """Their share of all the parameters' elements (0..1)."""
+    return sum(self.shares)
+
+  def describe(self) -> str:
+    """One line: how many, which axis sizes, which mesh axis, what share."""
+    sizes = ", ".join(f"{a}={n}" for a, n in self.axes)
+    return (
+      f"{len(self.labels)} parameter(s) such as {self.labels[0]!r} ({sizes})"
+      f" cannot be split over mesh axis {self.mesh_axis!r} of size"
+      f" {self.mesh_size} ({self.share:.1%} of the parameters; sizes that would"
+      f" split them: {list(self.sizes_that_split)})"
+    )
+
+
+def replicated(
+  shapes: dict[str, dict[str, int]], mesh: Mesh, rules: Rules | None = None
+) -> list[Replication]:
+  """The parameters a rule would shard over a mesh axis but can't split.
+
+  With the default (lenient) placement such a parameter stays replicated:
+  it works, but is copied on every device of that mesh axis. Parameters no
+  rule names an axis of (norm scales, multi-query k/v) are replicated by
+  design and not listed.
+
+  Args:
+    shapes: ``{label: named shape}`` of every parameter.
+    mesh: The mesh.
+    rules: Axis-name rules (default `DEFAULT_RULES`).
+
+  Raises:
+    ShardingError: Rules naming axes the mesh lacks.
+  """
+  rules = DEFAULT_RULES if rules is None else tuple(rules)
+  sizes = {label: int(np.prod(list(named.values()))) for label, named in shapes.items()}
+  total = max(sum(sizes.values()), 1)
+  problems: dict[tuple, list[str]] = {}
+  for label, named in shapes.items():
+    spec = set(partition_spec(named, 0, mesh, rules))
+    for mesh_axis in {m for a, m in rules if a in named}:
+      if mesh.shape[mesh_axis] > 1 and mesh_axis not in spec:
+        axes = tuple((a, named[a]) for a, m in rules if a in named and m == mesh_axis)
+        problems.setdefault((mesh_axis, axes), []).append(label)
+  return [
+    Replication(
+      mesh_axis=mesh_axis,
+      mesh_size=mesh.shape[mesh_axis],
+      axes=axes,
+      labels=tuple(labels),
+      shares=tuple(sizes[label] / total for label in labels),
+      sizes_that_split=tuple(
+        d
+        for d in range(1, mesh.size + 1)
+        if mesh.size % d == 0 and any(n % d == 0 for _, n in axes)
+      ),
+    )
+    for (mesh_axis, axes), labels in problems.items()
+  ]
+
+
+def warn_replicated(
+  found: list[Replication], mesh: Mesh, what: str, *, stacklevel: int = 3
+) -> None:
+  """One `errors.ReplicationWarning` naming ``found`` (nothing if empty)."""
+  if not found:
+    return
+  shares = {
+    label: x for r in found for label, x in zip(r.labels, r.shares, strict=True)
+  }
+  share = sum(shares.values())
+  warnings.warn(
+    f"Mesh {dict(mesh.shape)} leaves parameters of {what} replicated: "
+    + "; ".join(r.describe() for r in found)
+    + f". Replicated, they are copied on every device of that mesh axis"
+    f" (about {share:.1%} of the parameters). Pass strict_sharding=True"
+    " (`load`) or strict=True (`shard_model`) to raise instead.",
+    errors.ReplicationWarning,
+    stacklevel=stacklevel,
+  )
+
+
 def named_sharding(
   array: pz.nx.NamedArray | pz.nx.NamedArrayView,
   mesh: Mesh,
@@ -173,9 +277,21 @@ def shard_model(
   """Returns a copy of a Penzai model with parameters and state on ``mesh``.
 
   Parameters and state variables (e.g. KV caches) are unbound, placed by axis
-  name, and bound again; the input model is not modified.
+  name, and bound again; the input model is not modified. Parameters a rule
+  would shard but whose axis doesn't divide the mesh axis stay replicated,
+  with one `errors.ReplicationWarning` naming them (``strict=True``: a
+  `ShardingError` instead).
   """
   unbound, variables = pz.unbind_variables(model, freeze=True)
+  if not strict:
+    shapes = {
+      str(v.label): dict(v.value.named_shape)
+      for v in variables
+      if isinstance(v, pz.ParameterValue)
+      and isinstance(v.value, pz.nx.NamedArray | pz.nx.NamedArrayView)
+      and not v.value.positional_shape
+    }
+    warn_replicated(replicated(shapes, mesh, rules), mesh, "this model")
   placed = [
     dataclasses.replace(v, value=shard_tree(v.value, mesh, rules, strict=strict))
     for v in variables
@@ -183,18 +299,54 @@ def shard_model(
   return pz.bind_variables(unbound, placed, unfreeze_as_copy=True)
 
 
+def _arrays(tree: Any) -> list[jax.Array]:
+  """The distinct ``jax.Array`` s of a pytree, Penzai variables unwrapped.
+
+  Penzai ``Parameter`` s and ``StateVariable`` s are opaque pytree leaves;
+  their values are searched too. A variable or array reached twice (a tied
+  embedding shared by the embedder and the unembedder) counts once.
+  """
+  found: dict[int, jax.Array] = {}
+  seen: set[int] = set()
+  stack = [tree]
+  while stack:
+    for leaf in jax.tree_util.tree_leaves(stack.pop()):
+      if isinstance(leaf, pz.AbstractVariable):
+        if id(leaf) not in seen:
+          seen.add(id(leaf))
+          stack.append(leaf.value)
+      elif isinstance(leaf, jax.Array):
+        found.setdefault(id(leaf), leaf)
+  return list(found.values())
+
+
 def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
   """Measured bytes of a pytree's arrays resident on each local device.
 
   Sums the shards this process holds (``addressable_shards``); a replicated
-  array counts fully on every device holding a copy.
+  array counts fully on every device holding a copy. The values of Penzai
+  parameters and state variables are counted (a model can be passed as is);
+  an array or variable that appears twice in the tree counts once.
   """
   out: dict[jax.Device, int] = {}
-  for leaf in jax.tree_util.tree_leaves(tree):
-    if isinstance(leaf, jax.Array):
-      for shard in leaf.addressable_shards:
-        out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  for leaf in _arrays(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
   return out
+
+
+def parameter_bytes(model: Any) -> tuple[int, dict[jax.Device, int]]:
+  """A model's parameter bytes: ``(total, per local device)``.
+
+  ``total`` is the size of every parameter once (``nbytes`` of the global
+  arrays, whatever their placement); the dict holds the bytes of the shards
+  each local device holds (replicated parameters count on every device).
+  State variables (KV caches, captures) are not counted: use
+  `bytes_per_device` for everything a tree holds.
+  """
+  values = [p.value for p in pz.unbind_params(model)[1]]
+  arrays = _arrays(values)
+  return sum(a.nbytes for a in arrays), bytes_per_device(arrays)
 
 
 def spanning_mesh(tree: Any) -> Mesh | None:

@@ -139,6 +139,9 @@ class DuckTokenizer(TokenizerBase):
   def _decode_list(self, ids: list[int]) -> str:
     return str(self.wrapped.decode(ids))
 
+  def _processor(self) -> spm.SentencePieceProcessor | None:
+    return self._sp
+
   def _raw_piece(self, token_id: int) -> str:
     if self._sp is not None:
       return self._sp.id_to_piece(token_id)

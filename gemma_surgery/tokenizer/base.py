@@ -19,6 +19,8 @@ from gemma_surgery.validation import check_token_ids, to_host_array
 SPACE_MARKER = "␣"
 _SP_SPACE = "▁"
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+# Markup pieces: turn markers, <unusedN>, <mask>, HTML tags, [@BOS@]...
+_TAG_PIECE = re.compile(r"^(<[^<>]+>|\[@[^\]]*@\])$")
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
@@ -70,6 +72,7 @@ class TokenizerBase:
   _pad: int | None
   _unk: int | None
   _vocab_size: int
+  _ordinary: np.ndarray | None = None
 
   @property
   def bos_id(self) -> int:
@@ -100,6 +103,36 @@ class TokenizerBase:
   def _raw_piece(self, token_id: int) -> str:
     """Vocabulary piece (or decoded text) of one valid id."""
     raise NotImplementedError
+
+  def _processor(self) -> Any:
+    """The SentencePiece processor behind this tokenizer, or None."""
+    return None
+
+  def _is_ordinary(self, token_id: int) -> bool:
+    if token_id in (self._bos, self._eos, self._pad, self._unk):
+      return False
+    sp = self._processor()
+    if sp is not None:
+      kinds = (sp.is_control, sp.is_unknown, sp.is_unused, sp.is_byte)
+      if any(kind(token_id) for kind in kinds):
+        return False
+    text = self._raw_piece(token_id)
+    return bool(text) and "\ufffd" not in text and not _TAG_PIECE.match(text)
+
+  def ordinary_ids(self) -> np.ndarray:
+    """``[n]`` ascending ids of ordinary text pieces (computed once).
+
+    Excluded: the special ids (BOS, EOS, PAD, UNK); with a SentencePiece
+    processor, control, unknown, unused and byte-fallback pieces; and pieces
+    that are markup tags (``<start_of_turn>``, ``<unused0>``, ``<mask>``,
+    ``<h1>``, ``[@BOS@]``), empty, or not valid text (``U+FFFD``).
+    Random-token analyses draw from these, so their scores don't depend on
+    how the model treats control or byte pieces.
+    """
+    if self._ordinary is None:
+      ids = [i for i in range(self._vocab_size) if self._is_ordinary(i)]
+      self._ordinary = np.array(ids, np.int32)
+    return self._ordinary
 
   def encode(
     self,

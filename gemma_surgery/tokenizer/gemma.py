@@ -68,6 +68,8 @@ class Tokenizer(Protocol):
 
   def pieces(self, ids: Any) -> list[str]: ...
 
+  def ordinary_ids(self) -> Any: ...
+
 
 class GemmaTokenizer(TokenizerBase):
   """SentencePiece tokenizer for Gemma models.
@@ -129,6 +131,9 @@ class GemmaTokenizer(TokenizerBase):
   def _raw_piece(self, token_id: int) -> str:
     return self.sp.id_to_piece(token_id)
 
+  def _processor(self) -> spm.SentencePieceProcessor:
+    return self.sp
+
   def piece_to_id(self, piece: str) -> int:
     """Id of a raw vocabulary piece (e.g. `'<start_of_turn>'`, `'▁the'`).
 
@@ -153,8 +158,8 @@ def as_tokenizer(obj: Any) -> Tokenizer:
       `bos_token_id`).
 
   Returns:
-    An object with `encode`, `decode`, `piece`, `pieces`, `bos_id`, `eos_id`,
-    `pad_id`, `unk_id` and `vocab_size`.
+    An object with `encode`, `decode`, `piece`, `pieces`, `ordinary_ids`,
+    `bos_id`, `eos_id`, `pad_id`, `unk_id` and `vocab_size`.
 
   Raises:
     TokenizerError: If `obj` is none of the above, or its BOS id or

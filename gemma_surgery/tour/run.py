@@ -183,7 +183,11 @@ def _attention(ctx: TourContext) -> None:
     heading="Patterns (click a token; pick a layer and head)",
   )
   ind = analysis.induction_scores(
-    ctx.model, length=24, batch=4, bos_id=ctx.lm.config.bos_id
+    ctx.model,
+    length=24,
+    batch=4,
+    bos_id=ctx.lm.config.bos_id,
+    tokenizer=ctx.lm.tokenizer,
   )
   full = analysis.attention_patterns(ctx.model, ind.tokens)
   n_heads = ind.scores.shape[1]
@@ -217,17 +221,25 @@ def _attention(ctx: TourContext) -> None:
 
 
 def induction_patching_prompts(
-  vocab_size: int, *, length: int = 12, seed: int = 0, bos_id: int = 2
+  vocab_size: int,
+  *,
+  length: int = 12,
+  seed: int = 0,
+  bos_id: int = 2,
+  tokenizer: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
   """A clean/corrupted pair whose answer needs copying from earlier context.
 
   Clean: ``BOS r_1..r_n r_1..r_k`` (the next token is ``r_{k+1}``, readable
   only by induction). Corrupted: the same with ``r_{k+1}`` in the first
   repeat replaced by another token ``x``. Returns ``(clean, corrupted,
-  correct, wrong)`` with ``correct = r_{k+1}``, ``wrong = x``.
+  correct, wrong)`` with ``correct = r_{k+1}``, ``wrong = x``. Tokens are
+  distinct draws from `analysis.token_pool` (the tokenizer's ordinary pieces
+  when one is given, else ids ``4..vocab_size − 1``).
   """
   rng = np.random.default_rng(seed)
-  tokens = rng.choice(np.arange(4, vocab_size), size=length + 1, replace=False)
+  pool = analysis.token_pool(vocab_size, tokenizer=tokenizer)
+  tokens = rng.choice(pool, size=length + 1, replace=False)
   half, other = tokens[:length], int(tokens[length])
   k = length // 2
   clean = np.concatenate([[bos_id], half, half[:k]]).astype(np.int32)[None]
@@ -238,7 +250,7 @@ def induction_patching_prompts(
 
 def _patching(ctx: TourContext) -> None:
   clean, corrupted, correct, wrong = induction_patching_prompts(
-    ctx.lm.config.vocab_size, bos_id=ctx.lm.config.bos_id
+    ctx.lm.config.vocab_size, bos_id=ctx.lm.config.bos_id, tokenizer=ctx.lm.tokenizer
   )
   metric = analysis.logit_difference(correct, wrong)
   pieces = ctx.piece_list(clean)
