@@ -91,11 +91,13 @@ def neuron_buckets(
   if num_buckets < 1:
     raise InputError("num_buckets must be >= 1")
   width = -(-num_neurons // num_buckets)
+  # Buckets of `width` neurons: fewer than asked for when they don't divide.
+  buckets = -(-num_neurons // width)
   scale, norm = _strip.auto_norm(vals, vmax)
   rows = []
   for j, t in enumerate(toks):
     cells = []
-    for b in range(-(-num_neurons // width)):
+    for b in range(buckets):
       lo, hi = b * width, min(num_neurons, (b + 1) * width)
       sel = (ids[j] >= lo) & (ids[j] < hi)
       if not sel.any():
@@ -116,8 +118,9 @@ def neuron_buckets(
       f'{_html.tok(t)}</span><span class="gsv-buckets">{"".join(cells)}</span></div>'
     )
   note = (
-    f'<div class="gsv-note">{num_buckets} buckets of {width} neurons '
-    f"(0 … {num_neurons - 1}); hover a bucket or a token for neuron ids.</div>"
+    f'<div class="gsv-note">{buckets} buckets of {_bucket_sizes(num_neurons, width)}'
+    f" neurons (0 … {num_neurons - 1}); hover a bucket or a token for neuron"
+    " ids.</div>"
   )
   inner = note + "".join(rows) + _colors.legend(scale, norm, "activation")
   return _html.HtmlView(_html.section(title, inner, "neurons"), title or "Neurons")
@@ -133,3 +136,9 @@ def _topk(ids: Any, values: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
       f"top_ids {ids_a.shape} and top_values {vals_a.shape} must both be [{n}, k]"
     )
   return ids_a, vals_a
+
+
+def _bucket_sizes(num_neurons: int, width: int) -> str:
+  """``"8"``, or ``"8 (the last 4)"`` when the last bucket is smaller."""
+  last = num_neurons - (-(-num_neurons // width) - 1) * width
+  return str(width) if last == width else f"{width} (the last {last})"

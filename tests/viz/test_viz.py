@@ -206,6 +206,13 @@ def test_neuron_views():
   _check_page(page)
   assert "30 buckets of 10 neurons" in page
   assert page.count('class="gsv-bucket"') == 30 * T
+  # 70 buckets asked of 512 neurons: buckets of 8, so 64 of them (the
+  # caption once claimed 70); and an uneven split names the short last one.
+  page = viz.neuron_buckets(TOKENS, ids, vals, num_neurons=512, num_buckets=70)
+  assert "64 buckets of 8 neurons" in page.to_html()
+  assert page.to_html().count('class="gsv-bucket"') == 64 * T
+  page = viz.neuron_buckets(TOKENS, ids, vals, num_neurons=300, num_buckets=7)
+  assert "7 buckets of 43 (the last 42) neurons" in page.to_html()
   with pytest.raises(errors.InputError):
     viz.neuron_buckets(TOKENS, ids + 300, vals, num_neurons=300)
   with pytest.raises(errors.InputError):
