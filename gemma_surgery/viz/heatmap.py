@@ -79,15 +79,16 @@ class Heatmap(_html.HtmlView):
     if annotate is None:
       annotate = rows * cols <= 400
     if annotate:
+      labels = cell_labels(self.values)
       for i in range(rows):
         for j in range(cols):
           v = self.values[i, j]
-          if np.isfinite(v):
+          if labels[i][j]:
             bg = _colors.interpolate(self.scale, self.norm(v))
             ax.text(
               j,
               i,
-              f"{v:.2g}",
+              labels[i][j],
               ha="center",
               va="center",
               fontsize=7,
@@ -171,6 +172,7 @@ def heatmap(
     + "</tr>"
   )
   body = []
+  labels = cell_labels(v) if annotate else None
   for i, r in enumerate(rows):
     cells = []
     for j, c in enumerate(cols):
@@ -179,7 +181,7 @@ def heatmap(
         f"{row_title} {r} · {col_title} {_html.display_token(str(c))}",
         [[value_label, f"{x:.4g}"]],
       )
-      text = f"{x:.2g}" if annotate and np.isfinite(x) else ""
+      text = labels[i][j] if labels else ""
       style = _colors.cell_style(scale, norm(x))
       cells.append(f'<td style="{style}"{tip}>{_html.esc(text)}</td>')
     body.append(
@@ -199,3 +201,35 @@ def heatmap(
     "value_label": value_label,
   }
   return Heatmap(_html.section(title, inner, "heatmap"), title or "", v, meta)
+
+
+def cell_labels(values: np.ndarray, *, hide_below: float = 0.01) -> list[list[str]]:
+  """Short in-cell labels (at most 5 characters) for a ``[rows, cols]`` array.
+
+  Values within ``hide_below`` of the largest magnitude (and NaN/inf) get no
+  label, so near-zero cells stay blank instead of printing ``-3.1e-05``; the
+  rest get two significant digits where that fits (``12``, ``1.5``, ``.43``,
+  ``-.07``, ``-123``) and one below 0.01 or from 1000 (``3e-4``, ``1e3``). The exact
+  value is in each cell's tooltip.
+  """
+  finite = np.isfinite(values)
+  top = float(np.abs(values[finite]).max()) if finite.any() else 0.0
+  out = []
+  for row, ok in zip(values, finite, strict=True):
+    labels = []
+    for x, good in zip(row, ok, strict=True):
+      a = abs(float(x)) if good else 0.0
+      if not good or a == 0.0 or a < hide_below * top:
+        labels.append("")
+      elif a >= 999.5:  # one significant digit: "1e3"
+        labels.append(f"{x:.0e}".replace("e+0", "e").replace("e+", "e"))
+      elif a >= 9.95:
+        labels.append(f"{x:.0f}")
+      elif a >= 0.995:
+        labels.append(f"{x:.1f}")
+      elif a >= 0.0095:
+        labels.append(f"{x:.2f}".replace("0.", ".", 1))
+      else:  # one significant digit: "3e-4"
+        labels.append(f"{x:.0e}".replace("e-0", "e-"))
+    out.append(labels)
+  return out

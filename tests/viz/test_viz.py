@@ -226,7 +226,7 @@ def test_heatmap_html_and_png(tmp_path):
   )
   page = hm.to_html()
   text = _check_page(page)
-  assert "L1" in text and "<a>" in text and "␣b" in text and "-0.25" in text
+  assert "L1" in text and "<a>" in text and "␣b" in text and "-.25" in text
   assert hm.norm.vmin == -2.0 and hm.norm.vmax == 2.0 and hm.scale == "diverging"
   assert "#e6e6e6" in page  # NaN cell
   png = hm.save_png(tmp_path / "hm.png")
@@ -325,3 +325,20 @@ def test_public_viz_names_are_documented():
   assert "viz" in gemma_surgery.__all__
   missing = [name for name in viz.__all__ if f"`{name}" not in README]
   assert not missing, f"undocumented viz names: {missing}"
+
+
+def test_heatmap_cell_labels_are_short_and_hide_near_zero():
+  from gemma_surgery.viz.heatmap import cell_labels
+
+  rng = np.random.default_rng(3)
+  for magnitude in (1e-4, 1e-2, 1.0, 30.0, 1e4):
+    values = rng.normal(size=(6, 9)) * magnitude
+    values[0, 0] = magnitude * 1e-5  # near zero relative to the rest
+    labels = cell_labels(values)
+    assert labels[0][0] == ""
+    assert all(len(s) <= 5 for row in labels for s in row), labels
+    biggest = np.unravel_index(np.abs(values).argmax(), values.shape)
+    shown = float(labels[biggest[0]][biggest[1]])
+    assert shown == pytest.approx(values[biggest], rel=0.2)
+  # Readable: what once printed as "-3.1e-05" or "0.00012" in a 0.4-inch cell.
+  assert cell_labels(np.array([[0.5, -0.07, 0.3e-4]])) == [[".50", "-.07", ""]]
