@@ -131,15 +131,18 @@ def patch(
     SiteError: Unknown site, bad layer.
     SurgeryError: Value or positions that don't fit.
   """
-  if sites.site_info(site).per_layer and not isinstance(layer, int | np.integer):
+  if sites.site_info(site).per_layer and (
+    isinstance(layer, bool) or not isinstance(layer, int | np.integer)
+  ):
     raise errors.SiteError(f"patch takes one layer index, got {layer!r}.")
+  layer = layers_for(site, layer)
   check_value(model, site, value, "Patch value", required=sites.site_info(site).axes)
   head_mask = index_mask(model, site, heads, "heads")
-  positions_mask = seq_index_mask(positions, value)
+  positions_mask = seq_index_mask(positions, value.named_shape)
   return sites.insert(
     model,
     site,
-    layers_for(site, None if layer is None else int(layer)),
+    None if layer is None else int(layer),
     lambda _: Patch(
       value=value, seq_mask=positions_mask, head_mask=head_mask, site=site
     ),
