@@ -27,7 +27,7 @@ from gemma_surgery import errors
 from gemma_surgery.surgery import sites
 from gemma_surgery.surgery.captures import Captures
 from gemma_surgery.surgery.checks import (
-  check_finite,
+  check_scalar,
   check_value,
   index_mask,
   layers_for,
@@ -171,12 +171,8 @@ def scale_neurons(model: Any, layers: Layers, neurons: Indices, factor: Any) -> 
   if isinstance(factor, pz.nx.NamedArray | pz.nx.NamedArrayView):
     check_value(model, "mlp.hidden", factor, "Neuron factor", allowed=("neurons",))
   else:
-    check_finite("Neuron factor", factor)
+    check_scalar("Neuron factor (a number, or a {neurons} NamedArray)", factor)
     factor = jnp.asarray(factor, jnp.float32)
-    if factor.shape:
-      raise errors.SurgeryError(
-        "A neuron factor must be a scalar or a {neurons} NamedArray."
-      )
   factors = 1.0 + mask * (factor - 1.0)
   return sites.insert(
     model, "mlp.hidden", layers, lambda _: NeuronScale(factors=factors)

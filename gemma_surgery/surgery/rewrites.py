@@ -108,7 +108,8 @@ def steer(
   Raises:
     SiteError: Unknown site, bad layers, layers at a global site.
     SurgeryError: Vector axes/sizes that don't fit the site, non-finite
-      values, a zero-norm vector with ``relative=True``, a mask with other
+      values, a zero-norm vector with ``relative=True`` (or ``relative``
+      at ``attn.scores``), a mask with other
       axes or sizes or entries than 0/1, unknown ``positions``.
   """
   checks.check_value(model, site, vector, "Steering vector")
@@ -121,6 +122,12 @@ def steer(
       raise errors.SurgeryError(f"{flag} must be True or False, got {given!r}.")
   checks.check_scalar("Steering scale", scale)
   norm_axes = tuple(a for a in sites.site_info(site).axes if a != "heads")
+  if relative and site == "attn.scores":
+    raise errors.SurgeryError(
+      "relative=True is not defined at 'attn.scores': masked entries hold a"
+      " large negative constant, so the scores' norm is meaningless. Steer"
+      " 'attn.scores' with relative=False, or 'attn.pattern' relatively."
+    )
   if relative:
     checks.check_nonzero_norm("Steering vector", vector, norm_axes)
   seq_mask = checks.seq_index_mask(mask, vector.named_shape, "Steering mask")
