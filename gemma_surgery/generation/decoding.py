@@ -139,7 +139,6 @@ class Prepared:
       variable_name_prefix=_PREFIX,
     )
     unbound, self.variables = pz.unbind_variables(cached)
-    # The conversion shares the model's variables (`owner_names` finds them).
     savers = pz.select(model).at_instances_of(CaptureLayer).get_sequence()
     saver_of = {id(s.saved): s for s in savers}
     self.savers = savers
@@ -393,19 +392,9 @@ def decode(
   _, values, last, out, _, lengths, _, kept = carry
   if structure.saver_index:
     # Run the last token too, so captures cover every emitted token.
-    def last_run(values):
-      return run(decoding, values, last[:, None])[1]
-
-    def from_prefill(values):
-      values = list(values)
-      for i, value in prefill_state.items():
-        values[i] = value
-      return last_run(values)
-
-    if prefill_state:
-      values = jax.lax.cond(stepped, last_run, from_prefill, values)
-    else:
-      values = last_run(values)
+    values = state.one_more_step(
+      lambda v: run(decoding, v, last[:, None])[1], values, prefill_state, stepped
+    )
     prefill_state, stepped = {}, jnp.bool_(True)
   return {
     "tokens": out,

@@ -148,3 +148,24 @@ def settle(
   stepped = cond(carry)
   carry = jax.lax.cond(stepped, body, skip, carry)
   return carry, {i: values[i] for i in changed}, stepped
+
+
+def one_more_step(step: Any, values: list, prefill_state: dict, stepped: Any) -> list:
+  """``step(values)``, from the prompt-time state where no step ran.
+
+  Args:
+    step: Runs the model once on variable values and returns the new ones.
+    values: The values after the loop.
+    prefill_state: `settle`'s prompt-time values (empty: nothing reshapes).
+    stepped: `settle`'s flag: whether the first step ran.
+  """
+  if not prefill_state:
+    return step(values)
+
+  def from_prefill(values):
+    values = list(values)
+    for i, value in prefill_state.items():
+      values[i] = value
+    return step(values)
+
+  return jax.lax.cond(stepped, step, from_prefill, values)
