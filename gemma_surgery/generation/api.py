@@ -67,6 +67,10 @@ class GenerationResult:
       tokenizer.
     captured: The whole-run activation of every capture layer, by ``(site,
       layer)``; read it through `captures`.
+    logits: With ``generate(..., return_logits=True)``: ``{batch, seq:
+      max_new_tokens, vocabulary}``, the model's logits each new token was
+      chosen from (``seq`` aligned with ``tokens``; before temperature and
+      top-k/top-p; meaningless after a row's EOS, see `mask`). Else None.
   """
 
   tokens: np.ndarray
@@ -77,6 +81,19 @@ class GenerationResult:
   captured: dict[tuple[str, int | None], pz.nx.NamedArray] = dataclasses.field(
     default_factory=dict, repr=False
   )
+  logits: pz.nx.NamedArray | None = dataclasses.field(default=None, repr=False)
+
+  @property
+  def mask(self) -> np.ndarray:
+    """``[batch, prompt_len + max_new_tokens]`` bool: True at real tokens.
+
+    Aligned with ``concatenate([prompt, tokens], axis=1)``: False at left
+    padding and at the ``pad_id`` slots after a row's EOS.
+    """
+    width, new = self.prompt.shape[1], self.tokens.shape[1]
+    prompt = np.arange(width)[None, :] >= width - self.prompt_lengths[:, None]
+    generated = np.arange(new)[None, :] < self.lengths[:, None]
+    return np.concatenate([prompt, generated], axis=1)
 
   @functools.cached_property
   def captures(self) -> Captures | None:
@@ -86,11 +103,16 @@ class GenerationResult:
     ``captures.stacked(site)``): ``{batch, seq, ...site axes}`` where ``seq``
     is ``prompt_len`` plus the tokens run through the model, aligned with
     ``concatenate([prompt, tokens], axis=1)``. Left-padding slots and
-    positions after a row's EOS hold meaningless values. None if the model
-    has no capture layers.
+    positions after a row's EOS hold meaningless values:
+    ``captures.masked(site, layer)`` zeroes them (with `mask`). None if the
+    model has no capture layers.
     """
     if not self.captured:
       return None
+    seq = next(iter(self.captured.values()))
+    seq = jax.tree_util.tree_leaves(seq, is_leaf=buffer.is_named)[0]
+    length = seq.named_shape["seq"]
+    real = pz.nx.wrap(self.mask[:, :length]).tag("batch", "seq")
     return Captures(
       {
         key: SaveIntermediate(
@@ -99,7 +121,8 @@ class GenerationResult:
           layer=key[1],
         )
         for key, value in self.captured.items()
-      }
+      },
+      mask=real,
     )
 
   def sequences(self) -> list[list[int]]:
@@ -128,6 +151,7 @@ def generate(
   mesh: Mesh | None = None,
   cache_len: int | None = None,
   sharding_rules: sharding.Rules | None = None,
+  return_logits: bool = False,
 ) -> GenerationResult:
   """Generates continuations with one fused, jitted, KV-cached loop.
 
@@ -166,6 +190,8 @@ def generate(
       no placement.
     cache_len: KV-cache length (default: prompt length + ``max_new_tokens``).
     sharding_rules: Rules for ``mesh`` (default `sharding.DEFAULT_RULES`).
+    return_logits: Also return, in ``result.logits``, the logits each new
+      token was chosen from (before temperature and filtering).
 
   Returns:
     A `GenerationResult`.
@@ -175,8 +201,16 @@ def generate(
       ``max_new_tokens``/``temperature``/``top_k``/``top_p``/ids, strings
       without a tokenizer, or a prompt plus ``max_new_tokens`` longer than
       ``cache_len``.
-    SurgeryError: ``captures`` that don't belong to ``model``.
+    SurgeryError: ``captures`` that don't belong to ``model``; state of a
+      layer in ``model`` whose shape changes at every decoding step (the
+      fused loop carries a layer's own ``pz.StateVariable`` when its value
+      keeps one shape once decoding has started, e.g. the Penzai tutorials'
+      ``SaveIntermediate``: afterwards it holds the last step's value).
   """
+  if not isinstance(return_logits, bool):
+    raise errors.InputError(
+      f"return_logits must be True or False, got {return_logits!r}."
+    )
   check_model(model, captures)
   vocab = model.metadata.vocab_size
   check_controls(max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, seed, vocab)
@@ -219,8 +253,9 @@ def generate(
     _key(seed),
     max_new_tokens=max_new_tokens,
     mode=mode,
+    return_logits=return_logits,
   )
-  prepared.write_back(out["user_state"])
+  prepared.write_back(out)
   # Rows may live on other processes: gather them (a collective).
   tokens, lengths = (
     to_numpy(out["tokens"]),
@@ -241,7 +276,12 @@ def generate(
     text=text,
     # Without EOS every step runs: the filled length is known (no sync).
     captured=_captured(prepared, out, None if eos_id is not None else needed),
+    logits=None if out["logits"] is None else _named_logits(out["logits"]),
   )
+
+
+def _named_logits(logits: jax.Array) -> pz.nx.NamedArray:
+  return pz.nx.wrap(logits).tag("batch", "seq", "vocabulary")
 
 
 @functools.lru_cache(maxsize=16)

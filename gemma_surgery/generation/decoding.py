@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 from penzai.models.transformer import sampling_mode
 
-from gemma_surgery.generation import sampling
+from gemma_surgery.generation import sampling, state
 from gemma_surgery.generation.inputs import PAD_MARK
 from gemma_surgery.parallel import sharding
 from gemma_surgery.surgery.layers import base, buffer
@@ -65,6 +65,7 @@ class Structure:
     saver_keys: ``(site, layer)`` of each `SaveIntermediate` capture, in the
       same order (None for other capture layers, e.g. top-k).
     user_state_index: Positions of other (user) state variables.
+    user_state_names: The layer holding each of them (for messages).
     end_index: Position of the cache-end-index variable.
     mesh: Device mesh, or None.
     rules: Sharding rules (with ``mesh``).
@@ -74,6 +75,7 @@ class Structure:
   saver_index: tuple[int, ...]
   saver_keys: tuple[tuple[str, int | None] | None, ...]
   user_state_index: tuple[int, ...]
+  user_state_names: tuple[str, ...]
   end_index: int
   mesh: Mesh | None = None
   rules: tuple | None = None
@@ -173,6 +175,9 @@ class Prepared:
         _result_key(saver_of[id(self.variables[i])]) for i in saver_index
       ),
       user_state_index=tuple(user_index),
+      user_state_names=tuple(
+        state.owner_names(model, [self.variables[i] for i in user_index])
+      ),
       end_index=labels.index(f"{_PREFIX}/cache_end_index"),
       mesh=mesh,
       rules=self.rules,
@@ -208,9 +213,18 @@ class Prepared:
       self._sources = {i: self.variables[i].value for i in self._refresh}
     return self.leaves
 
-  def write_back(self, user_values: list[Any]) -> None:
-    """Stores final values of the model's own (non-capture) state variables."""
-    for i, value in zip(self.structure.user_state_index, user_values, strict=True):
+  def write_back(self, out: dict[str, Any]) -> None:
+    """Stores final values of the model's own (non-capture) state variables.
+
+    A variable whose shape settles only after a decoding step (see
+    `gemma_surgery.generation.state`) keeps its prompt value when no step ran.
+    """
+    finals = list(out["user_state"])
+    prefill = out["prefill_state"]
+    if prefill and not bool(out["stepped"]):
+      for position, value in prefill.items():
+        finals[position] = value
+    for i, value in zip(self.structure.user_state_index, finals, strict=True):
       base.store(self.variables[i], value.value)
       self._sources[i] = value.value
 
@@ -259,7 +273,9 @@ def _constrain(array: pz.nx.NamedArray, structure: Structure) -> pz.nx.NamedArra
   )
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "max_new_tokens", "mode"))
+@functools.partial(
+  jax.jit, static_argnames=("structure", "max_new_tokens", "mode", "return_logits")
+)
 def decode(
   structure: Structure,
   leaves: list[Any],
@@ -270,6 +286,7 @@ def decode(
   *,
   max_new_tokens: int,
   mode: sampling.SamplingMode,
+  return_logits: bool = False,
 ) -> dict[str, Any]:
   """Prefill plus a ``while_loop`` of decoding steps (see module docstring).
 
@@ -283,11 +300,20 @@ def decode(
     rng: PRNG key (split per step as in `sampling`).
     max_new_tokens: Tokens to emit per row (static).
     mode: Greedy or sampling (static).
+    return_logits: Also return the logits each new token was chosen from.
 
   Returns:
     ``tokens`` ``[batch, max_new_tokens]``, ``lengths`` ``[batch]`` (tokens
     up to and including EOS), ``cache_end`` (filled cache slots), ``captures``
-    (buffers in `Structure.saver_keys` order), ``user_state`` (final values).
+    (buffers in `Structure.saver_keys` order), ``user_state`` (final values),
+    ``prefill_state`` (values after the prompt of state whose shape settles
+    only after a step, by position in ``user_state``) and ``stepped``
+    (whether a step ran after the prompt), ``logits`` (``[batch,
+    max_new_tokens, vocabulary]`` or None).
+
+  Raises:
+    SurgeryError: (when traced) state of the model that changes shape at every
+      decoding step.
   """
   global _TRACES
   _TRACES += 1
@@ -328,33 +354,57 @@ def decode(
     values[i] = dataclasses.replace(values[i], value=buf)
   decoding = buffer.to_buffers(unbound)
 
-  first, rng = choose(logits[{"seq": -1}], rng)
+  last_logits = logits[{"seq": -1}]
+  first, rng = choose(last_logits, rng)
   out = jnp.full((batch, n_new), pad, jnp.int32).at[:, 0].set(first)
   done = first == eos
   lengths = jnp.where(done, 1, n_new).astype(jnp.int32)
+  kept = None
+  if return_logits:
+    step = last_logits.unwrap("batch", "vocabulary")
+    kept = jnp.zeros((batch, n_new, step.shape[-1]), step.dtype).at[:, 0].set(step)
 
   def cond(carry):
     return (carry[0] < n_new) & ~jnp.all(carry[4])
 
   def body(carry):
-    i, values, prev, out, done, lengths, rng = carry
+    i, values, prev, out, done, lengths, rng, kept = carry
     logits, values = run(decoding, values, prev[:, None])
-    token, rng = choose(logits[{"seq": 0}], rng)
+    step = logits[{"seq": 0}]
+    token, rng = choose(step, rng)
     token = jnp.where(done, pad, token)
     out = jax.lax.dynamic_update_slice(out, token[:, None], (jnp.zeros_like(i), i))
+    if kept is not None:
+      update = step.unwrap("batch", "vocabulary")[:, None].astype(kept.dtype)
+      zero = jnp.zeros_like(i)
+      kept = jax.lax.dynamic_update_slice(kept, update, (zero, i, zero))
     newly = ~done & (token == eos)
     lengths = jnp.where(newly, i + 1, lengths)
-    return i + 1, values, token, out, done | newly, lengths, rng
+    return i + 1, values, token, out, done | newly, lengths, rng, kept
 
-  carry = (jnp.int32(1), values, first, out, done, lengths, rng)
-  _, values, last, out, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
+  carry = (jnp.int32(1), values, first, out, done, lengths, rng, kept)
+  prefill_state, stepped = {}, jnp.bool_(True)
+  if n_new > 1:
+    carry, prefill_state, stepped = state.settle(
+      structure.user_state_index, structure.user_state_names, cond, body, carry
+    )
+    carry = jax.lax.while_loop(cond, body, carry)
+  _, values, last, out, _, lengths, _, kept = carry
   if structure.saver_index:
     # Run the last token too, so captures cover every emitted token.
-    _, values = run(decoding, values, last[:, None])
+    values = state.one_more_step(
+      lambda v: run(decoding, v, last[:, None])[1], values, prefill_state, stepped
+    )
+    prefill_state, stepped = {}, jnp.bool_(True)
   return {
     "tokens": out,
     "lengths": lengths,
     "cache_end": values[structure.end_index].value,
     "captures": [values[i].value for i in structure.saver_index],
     "user_state": [values[i] for i in structure.user_state_index],
+    "prefill_state": {
+      structure.user_state_index.index(i): v for i, v in prefill_state.items()
+    },
+    "stepped": stepped,
+    "logits": kept,
   }

@@ -14,6 +14,7 @@ reads the last value they saw:
     acts["resid_post", -1]           # negative layers count from the end
     acts.stacked("attn.pattern")     # {layer, batch, seq, heads, kv_seq}
     both = acts | other_captures     # one container for several rewrites
+    acts.masked("resid_post", 3, mask=tokens != 0)  # 0 at padding positions
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 from penzai import pz
 
 from gemma_surgery import errors
+from gemma_surgery.surgery import checks
 from gemma_surgery.surgery.layers.capture import CaptureLayer
 
 Key = tuple[str, int | None]
@@ -40,11 +43,20 @@ class Captures(Mapping):
   Args:
     layers: The capture layers inserted into the model, by key.
     num_layers: The model's layer count (for negative layer indices).
+    mask: Optional ``{batch, seq}`` bool NamedArray of real (non-padding)
+      positions, used by `masked` (`gemma_surgery.generate` sets it).
   """
 
-  def __init__(self, layers: Mapping[Key, CaptureLayer], num_layers: int | None = None):
+  def __init__(
+    self,
+    layers: Mapping[Key, CaptureLayer],
+    num_layers: int | None = None,
+    *,
+    mask: pz.nx.NamedArray | None = None,
+  ):
     self._layers = dict(layers)
     self._num_layers = num_layers
+    self.mask = mask
 
   def _key(self, key: Any) -> Key:
     if isinstance(key, str):
@@ -82,7 +94,8 @@ class Captures(Mapping):
     if overlap:
       raise errors.SiteError(f"Both captures hold {sorted(overlap, key=str)}.")
     n = self._num_layers if self._num_layers is not None else other._num_layers
-    return Captures({**self._layers, **other._layers}, n)
+    mask = self.mask if self.mask is not None else other.mask
+    return Captures({**self._layers, **other._layers}, n, mask=mask)
 
   def keys(self) -> list[Key]:  # type: ignore[override]
     return list(self._layers)
@@ -114,6 +127,47 @@ class Captures(Mapping):
         " index it by (site, layer)."
       )
     return next(iter(self._layers.values())).value()
+
+  def masked(
+    self,
+    site: str,
+    layer: int | None = None,
+    *,
+    mask: pz.nx.NamedArray | None = None,
+    fill: float = 0.0,
+  ) -> Any:
+    """The capture with ``fill`` at positions that are not real tokens.
+
+    Args:
+      site: Site name.
+      layer: Layer index (None at global sites).
+      mask: ``{seq}`` or ``{batch, seq}`` bool (or 0/1) NamedArray, True at
+        real tokens, e.g. ``tokens != pad_id`` for an eager run; default the
+        container's own `mask` (set by `gemma_surgery.generate`: left padding
+        and positions after EOS are not real).
+      fill: The value put at other positions (top-k pairs: values only).
+
+    Raises:
+      SurgeryError: No mask given or known, or one whose axes or sizes don't
+        fit the capture.
+    """
+    value = self[site if layer is None else (site, layer)]
+    mask = self.mask if mask is None else mask
+    if mask is None:
+      raise errors.SurgeryError(
+        "masked() needs mask= (a {batch?, seq} bool NamedArray of real tokens);"
+        " only captures from gs.generate know their own."
+      )
+    if isinstance(value, tuple):  # top-k: (values, indices)
+      return (self._fill(value[0], mask, fill), value[1])
+    return self._fill(value, mask, fill)
+
+  @staticmethod
+  def _fill(value: pz.nx.NamedArray, mask: Any, fill: float) -> pz.nx.NamedArray:
+    real = checks.seq_index_mask(mask, value.named_shape, "Capture mask")
+    if real is None:
+      return value
+    return pz.nx.nmap(jnp.where)(real != 0, value, fill).astype(value.dtype)
 
   def variables(self) -> list[pz.StateVariable]:
     """The state variables the capture layers write (for jitting by hand)."""

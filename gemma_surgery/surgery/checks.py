@@ -11,7 +11,7 @@ inserted; errors name what was wrong and what would be valid.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -71,6 +71,54 @@ def check_finite(name: str, value: Any) -> None:
     return
   if not np.all(np.isfinite(to_numpy(data))):
     raise errors.SurgeryError(f"{name} contains NaN or infinite values.")
+
+
+def check_scalar(name: str, value: Any) -> None:
+  """Raises `SurgeryError` unless ``value`` is a finite real scalar.
+
+  Python numbers and 0-d arrays pass; traced values are not checked.
+  """
+  data = value.data_array if isinstance(value, pz.nx.NamedArray) else value
+  if isinstance(data, jax.core.Tracer):
+    return
+  ok = isinstance(data, int | float | np.number | np.ndarray | jax.Array)
+  if ok and not isinstance(data, int | float):
+    ok = np.shape(data) == () and np.issubdtype(np.asarray(data).dtype, np.number)
+  if isinstance(value, pz.nx.NamedArray | pz.nx.NamedArrayView) or not ok:
+    raise errors.SurgeryError(
+      f"{name} must be a real number (or 0-d array), got {value!r:.80}."
+    )
+  check_finite(name, value)
+
+
+def check_nonzero_norm(name: str, value: pz.nx.NamedArray, axes: Iterable[str]) -> None:
+  """Raises `SurgeryError` if any slice of ``value`` has zero norm over ``axes``.
+
+  For values that get normalized (relative steering divides by this norm).
+  Traced values are not checked.
+
+  Raises:
+    SurgeryError: ``value`` lacks one of ``axes``, or a zero-norm slice.
+  """
+  axes = tuple(axes)
+  missing = [a for a in axes if a not in value.named_shape]
+  if missing:
+    raise errors.SurgeryError(
+      f"{name} is normalized over {list(axes)} but has axes"
+      f" {dict(value.named_shape)}: give it the axes {missing}."
+    )
+  if isinstance(value.data_array, jax.core.Tracer):
+    return
+  others = [a for a in value.named_shape if a not in axes]
+  data = to_numpy(value.unwrap(*others, *axes)).astype(np.float64)
+  norms = np.sqrt((data.reshape(*data.shape[: len(others)], -1) ** 2).sum(-1))
+  zero = int((norms == 0).sum())
+  if zero:
+    raise errors.SurgeryError(
+      f"{name} has zero norm over {list(axes)}"
+      + (f" at {zero} of {norms.size} slices ({others})" if others else "")
+      + ": relative steering would divide by zero. Use a nonzero vector."
+    )
 
 
 def layers_for(site: str, layers: Any) -> Any:
@@ -163,39 +211,74 @@ def check_value(
   check_finite(name, value)
 
 
-def seq_index_mask(positions: Any, value: pz.nx.NamedArray) -> Any:
-  """A ``{batch?, seq}`` 0/1 mask from seq indices or a bool NamedArray.
+def seq_index_mask(
+  positions: Any, sizes: Mapping[str, int], name: str = "Positions mask"
+) -> pz.nx.NamedArray | None:
+  """A ``{batch?, seq}`` 0/1 float mask from seq indices or a mask NamedArray.
 
   Args:
     positions: None (every position), seq indices, or a ``{seq}`` /
-      ``{batch, seq}`` bool NamedArray.
-    value: The value the mask goes with (its ``seq``/``batch`` sizes bound
-      the indices and must match the mask's).
+      ``{batch, seq}`` NamedArray of bools (or of 0/1 numbers).
+    sizes: Known axis sizes, e.g. the ``named_shape`` of the value the mask
+      goes with: its ``seq`` size bounds indices, and a mask's ``batch``/
+      ``seq`` sizes must match the ones given here.
+    name: What the mask is called in messages.
 
   Returns:
     None, or a float ``{batch?, seq}`` NamedArray of 0/1.
+
+  Raises:
+    SurgeryError: Other axes, positional axes, entries other than 0/1,
+      sizes that differ from ``sizes``, indices out of range or without a
+      known ``seq`` size.
   """
   if positions is None:
     return None
   if isinstance(positions, pz.nx.NamedArray | pz.nx.NamedArrayView):
-    if "seq" not in positions.named_shape or not set(positions.named_shape) <= {
-      "batch",
-      "seq",
-    }:
+    axes = dict(positions.named_shape)
+    if (
+      positions.positional_shape
+      or "seq" not in axes
+      or not set(axes)
+      <= {
+        "batch",
+        "seq",
+      }
+    ):
       raise errors.SurgeryError(
-        f"A positions mask must have axes {{batch?, seq}}, got"
-        f" {dict(positions.named_shape)}."
+        f"{name} must have axes {{seq}} or {{batch, seq}} (and no positional"
+        f" axes), got {axes} (positional {positions.positional_shape})."
       )
-    for axis, size in positions.named_shape.items():
-      if axis in value.named_shape and value.named_shape[axis] != size:
+    for axis, size in axes.items():
+      if axis in sizes and sizes[axis] != size:
         raise errors.SurgeryError(
-          f"Positions mask has {axis}={size}, the value has"
-          f" {axis}={value.named_shape[axis]}."
+          f"{name} has {axis}={size}, but {axis}={sizes[axis]} is needed here."
+        )
+    dtype = positions.dtype
+    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.number)):
+      raise errors.SurgeryError(f"{name} must hold bools (or 0/1), got {dtype}.")
+    data = positions.data_array
+    if not isinstance(data, jax.core.Tracer) and dtype != jnp.bool_:
+      entries = to_numpy(data)
+      if not np.all((entries == 0) | (entries == 1)):
+        raise errors.SurgeryError(
+          f"{name} must hold bools or 0/1, got other values (e.g."
+          f" {entries[(entries != 0) & (entries != 1)].flat[0]!r})."
         )
     return positions.astype(jnp.float32)
-  if "seq" not in value.named_shape:
-    raise errors.SurgeryError("Position indices need a value with a seq axis.")
-  seq = value.named_shape["seq"]
+  if "seq" not in sizes:
+    raise errors.SurgeryError(
+      f"{name}: seq indices need a known seq length here; pass a {{seq}} bool"
+      " NamedArray instead."
+    )
+  seq = sizes["seq"]
+  if isinstance(positions, str) or not isinstance(
+    positions, int | np.integer | Iterable
+  ):
+    raise errors.SurgeryError(
+      f"{name} must be seq indices or a {{batch?, seq}} bool NamedArray, got"
+      f" {type(positions).__name__}."
+    )
   items = [positions] if isinstance(positions, int | np.integer) else list(positions)
   for p in items:
     if isinstance(p, bool) or not isinstance(p, int | np.integer) or not 0 <= p < seq:

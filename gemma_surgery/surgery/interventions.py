@@ -27,7 +27,7 @@ from gemma_surgery import errors
 from gemma_surgery.surgery import sites
 from gemma_surgery.surgery.captures import Captures
 from gemma_surgery.surgery.checks import (
-  check_finite,
+  check_scalar,
   check_value,
   index_mask,
   layers_for,
@@ -131,15 +131,18 @@ def patch(
     SiteError: Unknown site, bad layer.
     SurgeryError: Value or positions that don't fit.
   """
-  if sites.site_info(site).per_layer and not isinstance(layer, int | np.integer):
+  if sites.site_info(site).per_layer and (
+    isinstance(layer, bool) or not isinstance(layer, int | np.integer)
+  ):
     raise errors.SiteError(f"patch takes one layer index, got {layer!r}.")
+  layer = layers_for(site, layer)
   check_value(model, site, value, "Patch value", required=sites.site_info(site).axes)
   head_mask = index_mask(model, site, heads, "heads")
-  positions_mask = seq_index_mask(positions, value)
+  positions_mask = seq_index_mask(positions, value.named_shape)
   return sites.insert(
     model,
     site,
-    layers_for(site, None if layer is None else int(layer)),
+    None if layer is None else int(layer),
     lambda _: Patch(
       value=value, seq_mask=positions_mask, head_mask=head_mask, site=site
     ),
@@ -168,12 +171,8 @@ def scale_neurons(model: Any, layers: Layers, neurons: Indices, factor: Any) -> 
   if isinstance(factor, pz.nx.NamedArray | pz.nx.NamedArrayView):
     check_value(model, "mlp.hidden", factor, "Neuron factor", allowed=("neurons",))
   else:
-    check_finite("Neuron factor", factor)
+    check_scalar("Neuron factor (a number, or a {neurons} NamedArray)", factor)
     factor = jnp.asarray(factor, jnp.float32)
-    if factor.shape:
-      raise errors.SurgeryError(
-        "A neuron factor must be a scalar or a {neurons} NamedArray."
-      )
   factors = 1.0 + mask * (factor - 1.0)
   return sites.insert(
     model, "mlp.hidden", layers, lambda _: NeuronScale(factors=factors)

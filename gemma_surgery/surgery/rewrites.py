@@ -38,13 +38,28 @@ def capture(
 
   Args:
     model: A Penzai transformer LM (not modified).
-    site_names: One site or several; global sites ignore ``layers``.
-    layers: Layer(s) for per-layer sites; None = all layers.
+    site_names: One site or several (each at most once).
+    layers: Layer(s) for the per-layer sites; None = all layers. Global sites
+      (``embed``, ``final_norm``, ``logits``) have one capture each and
+      ignore ``layers`` when listed beside per-layer sites, so
+      ``capture(m, ["resid_post", "logits"], 3)`` captures ``resid_post[3]``
+      and the logits; with only global sites ``layers`` must be None.
 
   Returns:
     ``(patched_model, captures)``.
+
+  Raises:
+    SiteError: Unknown or repeated sites, bad layers, or layers given for
+      global sites only.
   """
   names = [site_names] if isinstance(site_names, str) else list(site_names)
+  infos = [sites.site_info(site) for site in names]
+  if len(set(names)) != len(names):
+    raise errors.SiteError(f"Sites {names} name the same site twice.")
+  if layers is not None and not any(info.per_layer for info in infos):
+    raise errors.SiteError(
+      f"Sites {names} are global (one per model): pass layers=None, got {layers!r}."
+    )
   n = sites.num_layers(model)
   savers: dict[tuple[str, int | None], SaveIntermediate] = {}
 
@@ -76,29 +91,60 @@ def steer(
 ) -> Any:
   """Adds ``scale * vector`` at a site (see `SteerIntermediate`).
 
+  Args:
+    model: A Penzai transformer LM (not modified).
+    site: Any site name.
+    layers: Layer(s), None for all; must be None at global sites.
+    vector: NamedArray over (a subset of) the site's axes plus batch/seq.
+    scale: Finite real number.
+    positions: ``"all"``, ``"prompt"`` or ``"generated"``.
+    mask: Optional ``{seq}``/``{batch, seq}`` bool (or 0/1) NamedArray of
+      positions to steer; its sizes must match the inputs the model runs on.
+    skip_bos: Leave the BOS token unchanged.
+    relative: Add ``scale * ||x|| * vector / ||vector||``, with norms over
+      the site's axes other than ``heads`` (per position and head); the
+      vector must have those axes and no zero-norm slice.
+
   Raises:
-    SiteError: Unknown site or layer out of range.
+    SiteError: Unknown site, bad layers, layers at a global site.
     SurgeryError: Vector axes/sizes that don't fit the site, non-finite
-      values, unknown ``positions``.
+      values, a zero-norm vector with ``relative=True`` (or ``relative``
+      at ``attn.scores``), a mask with other
+      axes or sizes or entries than 0/1, unknown ``positions``.
   """
   checks.check_value(model, site, vector, "Steering vector")
   if positions not in base.POSITIONS:
     raise errors.SurgeryError(
       f"positions={positions!r}; valid: {', '.join(base.POSITIONS)}."
     )
-  checks.check_finite("Steering scale", scale)
+  for flag, given in (("skip_bos", skip_bos), ("relative", relative)):
+    if not isinstance(given, bool):
+      raise errors.SurgeryError(f"{flag} must be True or False, got {given!r}.")
+  checks.check_scalar("Steering scale", scale)
+  norm_axes = tuple(a for a in sites.site_info(site).axes if a != "heads")
+  if relative and site == "attn.scores":
+    raise errors.SurgeryError(
+      "relative=True is not defined at 'attn.scores': masked entries hold a"
+      " large negative constant, so the scores' norm is meaningless. Steer"
+      " 'attn.scores' with relative=False, or 'attn.pattern' relatively."
+    )
+  if relative:
+    checks.check_nonzero_norm("Steering vector", vector, norm_axes)
+  seq_mask = checks.seq_index_mask(mask, vector.named_shape, "Steering mask")
+  layers = checks.layers_for(site, layers)
   return sites.insert(
     model,
     site,
-    checks.layers_for(site, layers),
+    layers,
     lambda _: SteerIntermediate(
       vector=vector,
       scale=jnp.asarray(scale, jnp.float32),
-      mask=mask,
+      mask=None if seq_mask is None else seq_mask != 0,
       site=site,
       positions=positions,
       skip_bos=skip_bos,
       relative=relative,
+      norm_axes=norm_axes,
     ),
   )
 
@@ -110,6 +156,33 @@ def chain(model: Any, *rewrites: Callable[[Any], Any]) -> Any:
   return model
 
 
-def unpatch(model: Any) -> Any:
-  """Removes every gemma_surgery layer, restoring the original structure."""
-  return pz.select(model).at_instances_of(base.SurgeryLayer).remove_from_parent()
+def unpatch(model: Any, also: Iterable[type] = ()) -> Any:
+  """Removes every gemma_surgery layer, and optionally layers of your own.
+
+  Removes every instance of `SurgeryLayer`: all layers this library inserts
+  (captures, steering, ablation, patching, neuron and attention edits, top-k
+  captures, SAE/transcoder splices). Layers of other classes stay, e.g. a
+  hand-written Penzai layer you inserted yourself, unless its class is listed
+  in ``also``; then every instance of it (and of its subclasses) is removed
+  too, along with anything nested inside it.
+
+  Args:
+    model: A Penzai transformer LM (not modified).
+    also: More layer classes to remove (subclasses of ``pz.nn.Layer``).
+
+  Returns:
+    The model without those layers.
+
+  Raises:
+    SurgeryError: ``also`` holds something other than layer classes.
+  """
+  extra = tuple(also) if isinstance(also, Iterable) else (also,)
+  for cls in extra:
+    if not (isinstance(cls, type) and issubclass(cls, pz.nn.Layer)):
+      raise errors.SurgeryError(
+        f"unpatch(also=...) takes layer classes (subclasses of pz.nn.Layer),"
+        f" got {cls!r}."
+      )
+  return (
+    pz.select(model).at_instances_of((base.SurgeryLayer, *extra)).remove_from_parent()
+  )

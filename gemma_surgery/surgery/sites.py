@@ -48,6 +48,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
@@ -198,7 +199,7 @@ _ATTENTION_TYPES = (pz.nn.Attention, pz.nn.KVCachingAttention)
 
 def site_info(site: str) -> SiteInfo:
   """The `SiteInfo` of ``site``; raises `SiteError` for unknown names."""
-  if site not in SITES:
+  if not isinstance(site, str) or site not in SITES:
     raise errors.SiteError(f"Unknown site {site!r}; valid sites: {', '.join(SITES)}.")
   return SITES[site]
 
@@ -227,11 +228,19 @@ def layer_indices(model: Any, layers: int | Iterable[int] | None) -> list[int]:
   n = num_layers(model)
   if layers is None:
     return list(range(n))
-  items = [layers] if isinstance(layers, int) else list(layers)
+  if isinstance(layers, int | np.integer):
+    items = [layers]
+  elif isinstance(layers, Iterable) and not isinstance(layers, str | bytes):
+    items = list(layers)
+  else:
+    raise errors.SiteError(
+      f"layers must be an int, a list of ints or None (all), got {layers!r}."
+    )
   out = []
   for layer in items:
-    if not isinstance(layer, int) or isinstance(layer, bool):
+    if not isinstance(layer, int | np.integer) or isinstance(layer, bool):
       raise errors.SiteError(f"Layer indices must be ints, got {layer!r}.")
+    layer = int(layer)
     if not -n <= layer < n:
       raise errors.SiteError(
         f"Layer {layer} is out of range for a model with {n} layers;"

@@ -11,6 +11,8 @@ from gemma_surgery import errors
 from gemma_surgery.surgery import heads
 from gemma_surgery.surgery.layers import base
 
+CUSTOM_SITE = "custom"
+
 
 class CaptureLayer(base.SurgeryLayer):
   """Base of layers that store a value computed from the activation.
@@ -55,14 +57,19 @@ class SaveIntermediate(CaptureLayer):
   one step; the fused generation loop gives it a fixed-shape buffer instead
   (see `gemma_surgery.generate`).
 
+  Built like the Penzai tutorials' layer of the same name, it works in
+  hand-written Penzai code: ``SaveIntermediate(pz.StateVariable(None))`` (or
+  ``saved=...``) records whatever passes through it, as site ``"custom"``.
+
   Attributes:
     saved: Where the value goes (one fresh variable per site).
-    site: The site name (static).
-    layer: The layer index, or None for global sites (static).
+    site: The site name (static); ``"custom"`` for a layer placed by hand
+      (the activation is stored as it is, in Penzai's own head layout).
+    layer: The layer index, or None for global or custom sites (static).
   """
 
   saved: pz.StateVariable
-  site: str = base.static_field()
+  site: str = base.static_field(CUSTOM_SITE)
   layer: int | None = base.static_field(None)
 
   def captured(self, value: pz.nx.NamedArray) -> pz.nx.NamedArray:
