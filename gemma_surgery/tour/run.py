@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +72,12 @@ class TourContext:
       return
     try:
       path = view.save_png(self.out / f"{name}.png")
-    except ImportError:  # matplotlib is optional ([notebook] extra)
+    except ImportError as e:  # a broken matplotlib install (it is a dependency)
+      warnings.warn(
+        f"The tour skipped {name}.png: PNG export failed ({e}). The report has"
+        " the heatmap; reinstall matplotlib for the PNG.",
+        stacklevel=2,
+      )
       return
     self.pngs.append(path)
 

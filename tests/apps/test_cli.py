@@ -16,6 +16,8 @@ from penzai import pz
 
 import gemma_surgery
 from gemma_surgery import cli
+from gemma_surgery.tour import TourContext
+from gemma_surgery.viz import Heatmap
 
 TOKENIZER = FIXTURES / "tokenizer" / "tiny.model"
 
@@ -280,3 +282,25 @@ def test_tour_out_on_a_file_exits_2_before_loading(capsys, tmp_path, under):
   assert repr(str(file)) in line
   assert not any(line.startswith("loaded ") for line in err.splitlines())
   assert file.read_text() == "keep me"
+
+
+def test_a_skipped_tour_png_is_a_warning_not_silence(tmp_path, monkeypatch):
+  ctx = TourContext(
+    lm=None,
+    prompt="",
+    ids=np.zeros((1, 2), np.int32),
+    pieces=["a", "b"],
+    report=gemma_surgery.viz.Report("t"),
+    out=tmp_path,
+  )
+  values = np.arange(6, dtype=np.float32).reshape(2, 3)
+  ctx.heatmap("ok", values, "ok", row_labels=[0, 1], col_labels=[0, 1, 2])
+  assert ctx.pngs == [tmp_path / "ok.png"]
+
+  def broken(self, path, **kwargs):
+    raise ImportError("No module named 'matplotlib'")
+
+  monkeypatch.setattr(Heatmap, "save_png", broken)
+  with pytest.warns(UserWarning, match="skipped lost.png"):
+    ctx.heatmap("lost", values, "lost", row_labels=[0, 1], col_labels=[0, 1, 2])
+  assert ctx.pngs == [tmp_path / "ok.png"]
