@@ -52,11 +52,28 @@ def _positive_int(text: str) -> int:
   return value
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+  """A fixed width, so usage lines (and the README's copy of them) are stable."""
+
+  def __init__(self, prog: str):
+    super().__init__(prog, width=96)
+
+
 def _parser() -> argparse.ArgumentParser:
+  return _build()[0]
+
+
+def synopsis() -> list[str]:
+  """Every verb's usage line, as the README's "The command line" shows them."""
+  _, verbs = _build()
+  return [sub.format_usage().removeprefix("usage: ").rstrip() for sub in verbs.values()]
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
   parser = argparse.ArgumentParser(
     prog="gemma-surgery",
     description="Load Gemma 1/2/3 into Penzai, look inside, cut it open.",
-    formatter_class=argparse.RawDescriptionHelpFormatter,
+    formatter_class=_Formatter,
     epilog="Run 'gemma-surgery VERB --help' for the options of a verb.",
   )
   verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -109,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 
   tour = verbs.add_parser(
     "tour",
+    formatter_class=_Formatter,
     help="run every analysis on a model and write one HTML report (+ PNGs)",
     description="Logit lens, MLP neurons, attention and head scores, induction"
     " and knockouts, activation patching (and SAE views with --sae), written"
@@ -122,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
   gen = verbs.add_parser(
     "generate",
+    formatter_class=_Formatter,
     help="print a continuation (greedy or sampled, optionally steered)",
     description="Generate with the fused KV-cached loop. Steering adds"
     " SCALE × a direction at one site and layer on every position: an SAE"
@@ -145,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
 
   feats = verbs.add_parser(
     "sae-features",
+    formatter_class=_Formatter,
     help="print the top SAE features of every token",
     description="Splice the SAE (with its error term, so the model is"
     " unchanged) and list the K most active features per token.",
@@ -160,10 +180,12 @@ def _parser() -> argparse.ArgumentParser:
   )
   add_distributed(feats)
 
-  info = verbs.add_parser("info", help="print the architecture")
+  info = verbs.add_parser(
+    "info", help="print the architecture", formatter_class=_Formatter
+  )
   add_model(info)
   add_distributed(info)
-  return parser
+  return parser, {"tour": tour, "generate": gen, "sae-features": feats, "info": info}
 
 
 def _start(args):
@@ -370,8 +392,25 @@ def main(argv: list[str] | None = None) -> int:
       with contextlib.redirect_stderr(io.StringIO()):
         return _VERBS[args.verb](args)
   except errors.GemmaSurgeryError as e:
-    print(f"{where}error: {e}", file=sys.stderr)
+    print(f"{where}error: {in_cli_terms(str(e))}", file=sys.stderr)
     return 2
+
+
+# Hints that library errors give in Python terms, and the same in CLI flags.
+_CLI_TERMS = (
+  (
+    "load_sae(repo_id, 'layer_20/width_16k/average_l0_71')",
+    "--sae REPO_ID --sae-path layer_20/width_16k/average_l0_71",
+  ),
+  ("gemma_surgery.load(...)", "the command (SOURCE, or --model for tour)"),
+)
+
+
+def in_cli_terms(message: str) -> str:
+  """A library error message with its Python-call hints as CLI flags."""
+  for python, cli in _CLI_TERMS:
+    message = message.replace(python, cli)
+  return message
 
 
 if __name__ == "__main__":

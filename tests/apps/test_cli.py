@@ -304,3 +304,14 @@ def test_a_skipped_tour_png_is_a_warning_not_silence(tmp_path, monkeypatch):
   with pytest.warns(UserWarning, match="skipped lost.png"):
     ctx.heatmap("lost", values, "lost", row_labels=[0, 1], col_labels=[0, 1, 2])
   assert ctx.pngs == [tmp_path / "ok.png"]
+
+
+def test_error_hints_name_cli_flags_not_python_calls(capsys, tmp_path):
+  argv = ["sae-features", *_fixture_args(), "--prompt", "x"]
+  code = cli.main([*argv, "--sae", str(tmp_path / "no_such_sae")])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("error:") == 1
+  assert "--sae-path" in err and "load_sae(" not in err
+  # The library itself keeps its Python hint (the CLI translates it).
+  with pytest.raises(gemma_surgery.SAEError, match=r"load_sae\(repo_id"):
+    gemma_surgery.sae.load_sae(str(tmp_path / "no_such_sae"))

@@ -70,3 +70,12 @@ def test_the_quickstart_runs_verbatim_and_steering_shows():
   assert "'embedding': 256" in lines[0] and "'latents': 1024" in lines[1]
   base, steered = json.loads(out.stdout.split("@@")[-1])
   assert base.strip() and base != steered, (base, steered)
+
+
+def test_the_cli_synopsis_is_the_parsers():
+  from gemma_surgery import cli
+
+  lines = cli.synopsis()
+  assert "\n".join(lines) in README, "run cli.synopsis() into the README"
+  flags = ("--max-new-tokens", "--dtype", "--tokenizer", "--k", "--init-timeout")
+  assert all(flag in README for flag in flags)
