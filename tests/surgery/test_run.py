@@ -21,9 +21,13 @@ def test_jit_forward_matches_eager_and_fills_captures():
   eager = np.asarray(lm.model(tokens).unwrap("batch", "seq", "vocabulary"))
   forward = gs.jit_forward(patched)
   before = run._call._cache_size()
-  for _ in range(3):
+  forward(tokens)  # compiles, or reuses a compile of the same structure
+  first = run._call._cache_size()
+  for _ in range(2):
     out = np.asarray(forward(tokens).unwrap("batch", "seq", "vocabulary"))
-  assert run._call._cache_size() - before == 1, "captures must not recompile"
+  assert first - before <= 1 and run._call._cache_size() == first, (
+    "captures must not recompile"
+  )
   assert np.abs(out - eager).max() <= 1e-4
   np.testing.assert_allclose(
     np.asarray(acts["logits"].unwrap("batch", "seq", "vocabulary")), out
@@ -39,9 +43,13 @@ def test_jit_forward_with_topk_captures_compiles_once():
   )
   forward = gs.jit_forward(patched)
   before = run._call._cache_size()
-  for _ in range(3):
+  forward(tokens)  # compiles, or reuses a compile of the same structure
+  first = run._call._cache_size()
+  for _ in range(2):
     forward(tokens)
-  assert run._call._cache_size() - before == 1, "top-k captures must not recompile"
+  assert first - before <= 1 and run._call._cache_size() == first, (
+    "top-k captures must not recompile"
+  )
   assert top["mlp.hidden", 0][0].named_shape == {"batch": 1, "seq": 10, "top_k": 3}
 
 
