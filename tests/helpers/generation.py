@@ -22,6 +22,14 @@ def load(variant: str = "gemma2", dtype: str = "float32"):
   return gs.load(HF_FIXTURES / variant, dtype=dtype, progress=False).model
 
 
+def random_tokens(batch: int, seq: int, seed: int = 0) -> np.ndarray:
+  """``[batch, seq]`` int32 ids of the fixtures' vocabulary: BOS (2), then
+  uniform random ids 4..511."""
+  ids = np.random.default_rng(seed).integers(4, 512, (batch, seq)).astype(np.int32)
+  ids[:, 0] = 2
+  return ids
+
+
 def patched(base, scale: float = 3.0, seed: int = 0, layer: int = 1):
   """Steering (all positions) at ``resid_post[layer]`` plus two captures.
 

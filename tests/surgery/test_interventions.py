@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.generation import random_tokens
 from helpers.paths import HF_FIXTURES, HF_VARIANTS
 from penzai import pz
 from penzai.models.transformer import sampling_mode
@@ -24,7 +25,6 @@ from gemma_surgery.surgery import interventions as iv
 from gemma_surgery.surgery.layers.ablate import Patch
 
 SEQ = 12  # > gemma2's sliding window (8).
-BOS = 2
 _MODELS: dict[str, object] = {}
 
 
@@ -36,9 +36,7 @@ def _model(variant: str):
 
 
 def _tokens(seed: int = 0, batch: int = 2, seq: int = SEQ) -> np.ndarray:
-  tokens = np.random.default_rng(seed).integers(4, 512, (batch, seq)).astype(np.int32)
-  tokens[:, 0] = BOS
-  return tokens
+  return random_tokens(batch, seq, seed)
 
 
 def _named(x: np.ndarray) -> pz.nx.NamedArray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from helpers.generation import random_tokens
 from helpers.paths import HF_FIXTURES
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -50,9 +51,7 @@ def _model():
 
 
 def _tokens() -> pz.nx.NamedArray:
-  ids = np.random.default_rng(0).integers(4, 512, (BATCH, SEQ)).astype(np.int32)
-  ids[:, 0] = 2
-  return pz.nx.wrap(jnp.asarray(ids)).tag("batch", "seq")
+  return gs.named_tokens(random_tokens(BATCH, SEQ))
 
 
 def _size(site: str, axis: str) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.paths import HF_FIXTURES
+from helpers.generation import load, random_tokens
 from penzai import pz
 
 import gemma_surgery as gs
@@ -24,14 +24,12 @@ D = 64
 
 @pytest.fixture(scope="module")
 def model():
-  return gs.load(HF_FIXTURES / "gemma2", dtype="float32", progress=False).model
+  return load("gemma2")
 
 
 @pytest.fixture(scope="module")
 def tokens():
-  ids = np.random.default_rng(0).integers(4, 512, (2, SEQ)).astype(np.int32)
-  ids[:, 0] = 2
-  return pz.nx.wrap(jnp.asarray(ids)).tag("batch", "seq")
+  return gs.named_tokens(random_tokens(2, SEQ))
 
 
 def _vector(seed: int = 1, **axes) -> pz.nx.NamedArray:
