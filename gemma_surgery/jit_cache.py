@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 
 import jax
 
@@ -55,7 +56,11 @@ def enable(path: str | os.PathLike | None = None) -> str | None:
   folder = pathlib.Path(path or setting or default_dir())
   try:
     folder.mkdir(parents=True, exist_ok=True)
-  except OSError:
+  except OSError as e:
+    if path or setting:  # A folder the user chose: say why it is not used.
+      warnings.warn(
+        f"No compilation cache: cannot create {str(folder)!r} ({e}).", stacklevel=2
+      )
     return None  # A read-only home: run without the cache.
   jax.config.update("jax_compilation_cache_dir", str(folder))
   # Cache every program: the small ones are most of a notebook's start-up.

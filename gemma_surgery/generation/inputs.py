@@ -191,12 +191,25 @@ def token_batch(model: Any, tokens: Any, tokenizer: Any = None) -> np.ndarray:
 def named_tokens(ids: Any) -> pz.nx.NamedArray:
   """``[batch, seq]`` token ids as the ``{batch, seq}`` int32 model input.
 
+  The ids' range is checked against the vocabulary when the model runs.
+
   Raises:
-    InputError: If ``ids`` is not 2-D.
+    InputError: Rows of different lengths, an array that is not 2-D, or ids
+      that are not integers (floats would be truncated silently).
   """
-  array = np.asarray(ids)
+  try:
+    array = validation.to_host_array(ids)[0]
+  except (TypeError, ValueError) as e:
+    raise errors.InputError(
+      f"Token ids must be a [batch, seq] array of equal-length rows: {e}"
+    ) from e
   if array.ndim != 2:
     raise errors.InputError(
       f"Token ids must be a [batch, seq] array, got shape {array.shape}."
+    )
+  if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+    raise errors.InputError(
+      f"Token ids must be integers, got dtype {array.dtype}; cast whole-number"
+      " ids with .astype(np.int32)."
     )
   return pz.nx.wrap(jnp.asarray(array, jnp.int32)).tag("batch", "seq")

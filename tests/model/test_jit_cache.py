@@ -64,3 +64,15 @@ def test_a_folder_the_user_chose_wins(tmp_path):
   result = _probe(str(tmp_path / "other"), tmp_path, extra)
   assert result["after"] == str(mine)
   assert not (tmp_path / "other").exists()
+
+
+def test_a_chosen_folder_that_cannot_be_made_is_a_warning(tmp_path, monkeypatch):
+  from gemma_surgery import jit_cache
+
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv(jit_cache.ENV, str(blocker / "cache"))
+  assert jit_cache.current_dir() is None  # the tests run without a cache
+  with pytest.warns(UserWarning, match="a_file"):
+    assert jit_cache.enable() is None
+  assert jit_cache.current_dir() is None
