@@ -27,6 +27,7 @@ from gemma_surgery.analysis.attention import (
   knockout_losses,
   mask_bos,
   previous_token_scores,
+  repeat_losses,
   token_losses,
 )
 from gemma_surgery.analysis.logit_lens import LogitLens, logit_lens
@@ -70,6 +71,7 @@ __all__ = [
   "random_tokens",
   "readout_head",
   "repeated_tokens",
+  "repeat_losses",
   "token_losses",
   "token_pool",
   "top_neurons",

@@ -19,6 +19,7 @@ from gemma_surgery.sae.edits import FeatureEdits, feature_edits
 from gemma_surgery.sae.evaluate import evaluate
 from gemma_surgery.sae.features import (
   Example,
+  feature_activations,
   feature_direction,
   feature_logit_lens,
   max_activating_examples,
@@ -44,6 +45,7 @@ __all__ = [
   "FEATURES_SITE",
   "Example",
   "evaluate",
+  "feature_activations",
   "feature_direction",
   "feature_logit_lens",
   "features",

@@ -78,6 +78,10 @@ class Example:
     context: Token ids around it (``before`` tokens before, the token, then
       ``after`` tokens after, clipped to the row).
     index: Index of the max token within ``context``.
+    activations: The feature's activation at every token of ``context`` (from
+      the same scan, so ``activations[index] == value``); render with
+      ``viz.max_activating_examples([tok.pieces(e.context) for e in examples],
+      [e.activations for e in examples])``.
   """
 
   feature: int
@@ -86,6 +90,7 @@ class Example:
   position: int
   context: list[int]
   index: int
+  activations: list[float] = dataclasses.field(default_factory=list)
 
 
 def max_activating_examples(
@@ -121,6 +126,7 @@ def max_activating_examples(
   chosen = check_features(sae, features)
   best: dict[int, list[tuple[float, int, int]]] = {f: [] for f in chosen}
   rows: dict[int, np.ndarray] = {}
+  row_acts: dict[tuple[int, int], np.ndarray] = {}  # (feature, row) -> [seq]
   offset = 0
   for batch in tqdm.tqdm(batches, desc="max-activating examples", disable=not progress):
     ids = token_batch(model, batch)
@@ -136,6 +142,12 @@ def max_activating_examples(
     keep = {r for items in best.values() for _, r, _ in items}
     rows = {r: v for r, v in rows.items() if r in keep}
     rows.update({offset + b: ids[b] for b in range(len(ids)) if offset + b in keep})
+    kept = {(f, r) for f, items in best.items() for _, r, _ in items}
+    row_acts = {k: v for k, v in row_acts.items() if k in kept}
+    for j, feature in enumerate(chosen):
+      for b in range(len(ids)):
+        if (feature, offset + b) in kept:
+          row_acts[feature, offset + b] = acts[b, :, j]
     offset += len(ids)
   out = {}
   for feature, items in best.items():
@@ -143,7 +155,8 @@ def max_activating_examples(
     for value, row, pos in items:
       start = max(0, pos - before)
       context = [int(t) for t in rows[row][start : pos + after + 1]]
-      examples.append(Example(feature, value, row, pos, context, pos - start))
+      values = [float(v) for v in row_acts[feature, row][start : pos + after + 1]]
+      examples.append(Example(feature, value, row, pos, context, pos - start, values))
     out[feature] = examples
   return out
 

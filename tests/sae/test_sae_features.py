@@ -84,8 +84,13 @@ def test_max_activating_examples_equal_brute_force(model, sae):
     )
     for e in examples:
       row = rows[e.row]
-      assert e.context == [int(t) for t in row[max(0, e.position - 3) : e.position + 3]]
+      start = max(0, e.position - 3)
+      assert e.context == [int(t) for t in row[start : e.position + 3]]
       assert e.context[e.index] == row[e.position]
+      # the activations across the context come from the same numpy encode
+      f = W.np_encode(_resid(model, row[None]), arrays)[0, :, feature]
+      f[0] = 0.0  # BOS passes through the splice: no features there
+      np.testing.assert_allclose(e.activations, f[start : e.position + 3], atol=1e-4)
 
 
 def _np_readout(vector, weights):

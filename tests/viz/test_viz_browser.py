@@ -213,3 +213,57 @@ def test_a_non_causal_pattern_is_decoded_whole(page):
   avg = FULL[0, :, 0].mean(0)
   assert colours.index(_darkest(_colors.COOL[-1][1])) == int(np.argmax(avg))
   assert colours[int(np.argmin(avg))] != "rgb(255, 255, 255)" or avg.min() < 1e-3
+
+
+FORCE_LAYOUT = """(() => {
+  let right = 0;
+  const walk = (root) => {
+    for (const e of root.querySelectorAll('*')) {
+      right = Math.max(right, e.getBoundingClientRect().right);
+      if (e.shadowRoot) walk(e.shadowRoot);
+    }
+  };
+  walk(document);
+  return right;
+})()"""
+
+
+def test_a_report_never_scrolls_the_page_sideways(tmp_path):
+  """At 1280 px a report holding the embedded model in treescope, a long code
+  line and a 200-column heatmap fits the window: wide content scrolls inside
+  its own view. (Before the fix, treescope's one-line layout of the folded
+  model made the page 278,521 px wide.)"""
+  import gemma_surgery as gs
+
+  model = gs.load("tiny").model
+  report = (
+    viz.Report("wide")
+    .add(viz.show(model, arrays=False), heading="the model")
+    .code("x" * 3000)
+    .add(viz.heatmap(np.random.default_rng(0).normal(size=(4, 200))))
+  )
+  path = report.save(tmp_path / "report.html")
+  browser = Browser(find_chromium())
+  try:
+    page = browser.open(path.as_uri())
+    page.eval("document.querySelector('.gsv-treescope').scrollIntoView()")
+    # Treescope renders into a shadow root and lays out lazily: measure every
+    # element (which forces layout) until the model's rendering is there.
+    page.wait_for(FORCE_LAYOUT + " > 1280", 30)
+    inner = page.eval("window.innerWidth")
+    assert inner == 1280
+    assert page.eval("document.documentElement.scrollWidth") <= inner
+    assert page.problems() == []
+    # Negative control: without the containment rules the treescope view
+    # alone widens the page.
+    page.eval(
+      "(() => { const s = document.createElement('style');"
+      " s.textContent = '.gsv { max-width: none !important; }"
+      " .gsv .gsv-treescope { overflow-x: visible !important; }';"
+      " document.head.appendChild(s);"
+      " document.querySelector('.gsv-report pre').remove(); })()"
+    )
+    page.eval(FORCE_LAYOUT)
+    assert page.eval("document.documentElement.scrollWidth") > inner
+  finally:
+    browser.close()
