@@ -62,7 +62,8 @@ losses = [RESCALED[f] for f in sorted(RESCALED, reverse=True)]
 assert all(a < b for a, b in zip(losses, losses[1:])), RESCALED   # smooth rise
 assert by_position.normalized[0, source] > 0.8 and by_position.normalized[-1, -1] > 0.8
 assert by_position.normalized[-1, source] < 0.2
-assert (by_head.layers[BEST_PATCHED_HEAD[0]], BEST_PATCHED_HEAD[1]) == best[0], BEST_PATCHED_HEAD
+top_head = (by_head.layers[BEST_PATCHED_HEAD[0]], BEST_PATCHED_HEAD[1])
+assert top_head == best[0], top_head
 """,
 }
 
@@ -96,11 +97,12 @@ def test_notebooks_use_only_documented_api(name):
   """Every library name a tutorial calls (``gs.…``, ``an.…``, ``viz.…``) is
   documented in the README, so a reader can look it up."""
   readme = (ROOT / "README.md").read_text()
-  code = "\n".join(src for kind, src in make_notebooks.NOTEBOOKS[name] if kind == "code")
+  cells = make_notebooks.NOTEBOOKS[name]
+  code = "\n".join(src for kind, src in cells if kind == "code")
   used = {
     part
     for chain in re.findall(r"\b(?:gs|an|viz)((?:\.\w+)+)", code)
     for part in chain.strip(".").split(".")
   }
   undocumented = sorted(n for n in used if not re.search(rf"\b{n}\b", readme))
-  assert not undocumented, f"{name} uses names the README never mentions: {undocumented}"
+  assert not undocumented, f"{name} uses names the README lacks: {undocumented}"
