@@ -43,6 +43,11 @@ class TourContext:
     out: Output folder (PNGs go here; only process 0 writes, see `run_tour`).
     sae: Optional SAE for the SAE sections.
     pngs: PNG files written so far.
+    new_tokens: Tokens every greedy continuation of the prompt generates (one
+      compiled shape for the whole tour).
+    continuation: The unedited model's greedy continuation (set by the
+      overview; edited generations are compared with it).
+    coherence: The SAE section's coherence of the prompt's top features.
   """
 
   lm: LoadedModel
@@ -53,6 +58,9 @@ class TourContext:
   out: pathlib.Path
   sae: Any = None
   pngs: list[pathlib.Path] = dataclasses.field(default_factory=list)
+  new_tokens: int = 24
+  continuation: str = ""
+  coherence: list[Any] = dataclasses.field(default_factory=list)
 
   @property
   def model(self) -> Any:
@@ -94,11 +102,12 @@ def _overview(ctx: TourContext) -> None:
   out = generate(
     ctx.model,
     ctx.ids,
-    max_new_tokens=24,
+    max_new_tokens=ctx.new_tokens,
     tokenizer=ctx.lm.tokenizer,
     eos_id=cfg.eos_id,
   )
   text = out.text[0] if out.text else " ".join(map(str, out.tokens[0]))
+  ctx.continuation = text
   ctx.report.heading("Greedy continuation", 3)
   ctx.report.code(ctx.prompt + text)
   if cfg.num_parameters() <= 50_000_000:
@@ -160,7 +169,7 @@ def _neurons(ctx: TourContext) -> None:
     neuron,
     tokenizer=ctx.lm.tokenizer,
     eos_id=ctx.lm.config.eos_id,
-    max_new_tokens=16,
+    max_new_tokens=ctx.new_tokens,
   )
   ctx.report.heading(f"Neuron {neuron} deactivated / boosted ×10", 3)
   ctx.report.code(

@@ -20,6 +20,7 @@ from penzai import pz
 
 import gemma_surgery as gs
 from gemma_surgery import cli
+from gemma_surgery.tour import sae_section
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,25 @@ def test_tour_on_the_embedded_model_finds_its_induction_head(lm, tmp_path):
   knocked = re.search(r"knocked out: ([\d.]+) \(\+([-\d.]+)\)", report)
   assert float(knocked.group(2)) > 0.5  # knocking the best heads out hurts copying
   assert "Sparse autoencoder" in report and (tmp_path / "heads_induction.png").exists()
+  # the prompt's strongest SAE features have coherent max-activating examples:
+  # all but at most one peak on one token in at least half of their examples
+  counts = re.findall(r"feature +\d+: peaks on .*? in (\d+)/(\d+) examples", report)
+  assert len(counts) == sae_section.SHOWN_FEATURES, counts
+  coherent = [int(n) >= 0.5 * int(total) for n, total in counts]
+  assert sum(coherent) >= sae_section.SHOWN_FEATURES - 1, counts
+
+
+def test_random_corpus_tokens_are_not_coherent(lm):
+  """Negative control for the coherence count: ten random positions of the
+  same corpus rarely share a token (the most common piece is far below half)."""
+  batches = sae_section.corpus(lm.tokenizer, lm.config.bos_id, lm.config.eos_id)
+  rows = np.concatenate(batches)[:, 1:]
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    picks = rng.integers(0, rows.size, sae_section.EXAMPLES)
+    fake = [gs.sae.Example(0, 1.0, 0, 0, [int(rows.flat[i])], 0) for i in picks]
+    c = sae_section.coherence(fake, lm.tokenizer.pieces)
+    assert c.count < 0.5 * c.total, c
 
 
 def test_steering_with_an_sae_feature_raises_its_lens_tokens(lm):
