@@ -27,7 +27,8 @@ side by side (interleaved repeats, medians, after a warm-up call):
 6. Compile time of the fused loop (mid, steered): trace, lower, compile.
 
 Run: ``python bench/generation.py`` (``--runs N``; ``--json F`` for
-`run_all.py`; ``--quick`` skips the batch-16 and 256k-vocabulary parts).
+`run_all.py`; ``--quick`` skips the batch-16 and 256k-vocabulary parts;
+``--parts`` picks among pyloop, compile, floors, sampling).
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def versus_pyloop(rec, name: str, model, runs: int) -> None:
   parts["prefill"].clear()
   parts["step"].clear()
   t = interleaved(timed, runs, {"pyloop": py_setup})
-  same = bool((fused(steered, prompt)() == py_run()[:, PROMPT:]).all())
+  py_setup()
+  same = bool((fused(steered, prompt)() == py_run()).all())
   ratio = t["pyloop"] / t["steered"]
   efficiency = t["steered"] / t["reference"]
   overhead = (t["full"] / t["plain"] - 1) * 100
@@ -235,7 +237,11 @@ def bandwidth(runs: int) -> float:
 
 def step_bytes(model, batch: int, cache_len: int) -> int:
   """Bytes one decode step reads: parameters plus the KV caches."""
-  params = sum(p.value.nbytes for p in pz.unbind_params(model)[1])
+  params = sum(
+    x.nbytes
+    for p in pz.unbind_params(model)[1]
+    for x in jax.tree_util.tree_leaves(p.value)
+  )
   kv = 2 * MID.num_layers * MID.num_kv_heads * MID.head_dim * cache_len
   return params + kv * batch * 4  # float32 caches
 
@@ -376,17 +382,22 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=7)
   parser.add_argument("--quick", action="store_true")
+  parts = ["pyloop", "compile", "floors", "sampling"]
+  parser.add_argument("--parts", nargs="*", choices=parts, default=parts)
   record.add_arguments(parser)
   args = parser.parse_args()
   rec = record.Recorder.from_args("generation", args)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}; prompt {PROMPT}")
-  tiny = gs.load(FIXTURE, dtype="float32", progress=False).model
-  versus_pyloop(rec, "tiny", tiny, args.runs)
   mid = gs.build_model(MID, jax.random.key(0))
-  versus_pyloop(rec, "mid", mid, args.runs)
-  compile_time(rec, mid)
-  floors(rec, args.runs, args.quick)
-  if not args.quick:
+  if "pyloop" in args.parts:
+    tiny = gs.load(FIXTURE, dtype="float32", progress=False).model
+    versus_pyloop(rec, "tiny", tiny, args.runs)
+    versus_pyloop(rec, "mid", mid, args.runs)
+  if "compile" in args.parts:
+    compile_time(rec, mid)
+  if "floors" in args.parts:
+    floors(rec, args.runs, args.quick)
+  if "sampling" in args.parts and not args.quick:
     sampling_cost(rec, args.runs)
   rec.save()
 
