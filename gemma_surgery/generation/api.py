@@ -241,9 +241,9 @@ def generate(
     "top_k": np.int32(min(top_k or vocab, vocab)),
     "top_p": np.float32(2.0 if top_p is None or top_p >= 1 else top_p),
   }
-  mode = sampling.SamplingMode(
-    greedy=greedy, filtered=not greedy and (top_k is not None or top_p is not None)
-  )
+  # A filter that keeps every token is no filter (same tokens, no extra work).
+  filtered = (top_k is not None and top_k < vocab) or (top_p is not None and top_p < 1)
+  mode = sampling.SamplingMode(greedy=greedy, filtered=not greedy and filtered)
   out = decoding.decode(
     prepared.structure,
     leaves,

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.generation import load, random_tokens
 from penzai import pz
 
+import gemma_surgery as gs
 from gemma_surgery.generation import gumbel, nucleus, sampling
 
 ROWS, VOCAB = 48, 700
@@ -142,3 +144,15 @@ def test_gumbel_at_is_the_full_draw_bit_for_bit():
   # Negative control: other positions give other noise.
   shifted = np.asarray(gumbel.gumbel_at(keys, (index + 1) % 5000, 5000))
   assert (shifted != theirs).mean() > 0.99
+
+
+def test_a_filter_keeping_everything_samples_like_no_filter():
+  model, prompt = load(), random_tokens(2, 6)
+
+  def run(**kwargs):
+    return gs.generate(model, prompt, max_new_tokens=8, temperature=0.8, **kwargs)
+
+  plain = run(seed=5).tokens
+  np.testing.assert_array_equal(run(seed=5, top_p=1.0).tokens, plain)
+  np.testing.assert_array_equal(run(seed=5, top_k=512, top_p=1.0).tokens, plain)
+  assert (run(seed=5, top_k=2).tokens != plain).any()  # a real filter changes them
