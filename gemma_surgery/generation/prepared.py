@@ -310,17 +310,21 @@ def prepare(
   flat = jax.tree_util.tree_flatten(model)
   shape_key = (flat[1], *key[1:])
   entry = None
-  similar = _BY_STRUCTURE.get(shape_key)
+  try:
+    similar = _BY_STRUCTURE.get(shape_key)
+  except TypeError:  # a static field that can't be hashed: no structure cache
+    similar, shape_key = None, None
   if similar is not None:
     entry = similar.rebind(model, flat)
     if entry is not None and entry.current_leaves() is None:
       entry = None
   if entry is None:
     entry = Prepared(model, batch, cache_len, mesh, rules, flat)
-  _BY_STRUCTURE[shape_key] = entry
-  _BY_STRUCTURE.move_to_end(shape_key)
-  while len(_BY_STRUCTURE) > _BY_STRUCTURE_SIZE:
-    _BY_STRUCTURE.popitem(last=False)
+  if shape_key is not None:
+    _BY_STRUCTURE[shape_key] = entry
+    _BY_STRUCTURE.move_to_end(shape_key)
+    while len(_BY_STRUCTURE) > _BY_STRUCTURE_SIZE:
+      _BY_STRUCTURE.popitem(last=False)
   _CACHE[key] = entry
   # Drop the entry (and its arrays) as soon as the model is garbage.
   weakref.finalize(model, _forget, key, entry)
