@@ -67,6 +67,7 @@ def render_benchmark(name: str, bench: dict) -> str:
   lines += ["| figure | value | goal |", "|---|---|---|"]
   for fig in bench["figures"]:
     label = fig["label"] + (f" — {fig['note']}" if fig.get("note") else "")
+    label = label.replace("|", "\\|")
     value = _format(fig["value"], fig.get("unit", ""))
     lines.append(f"| {label} | {value}{tag} | {fig.get('goal') or ''} |")
   return "\n".join(lines)
