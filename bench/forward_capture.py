@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import record
 from configs import MID
 from penzai import pz
 from penzai.toolshed import jit_wrapper
@@ -36,7 +37,9 @@ def main() -> None:
   parser.add_argument("--runs", type=int, default=30)
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--seq", type=int, default=64)
+  record.add_arguments(parser)
   args = parser.parse_args()
+  rec = record.Recorder.from_args("forward_capture", args)
   model = gs.build_model(MID, jax.random.key(0))
   rng = np.random.default_rng(0)
   ids = rng.integers(3, MID.vocab_size, (args.batch, args.seq)).astype(np.int32)
@@ -77,6 +80,19 @@ def main() -> None:
   ]
   for label, value in rows:
     print(f"{label:<42}{value}")
+  shape = f"mid-size, {args.batch} × {args.seq} tokens"
+  rec.figure("plain_ms", f"jit_forward, {shape}", t["plain"] * 1e3, "ms")
+  rec.figure(
+    "capture_overhead",
+    "capture overhead (every resid_post)",
+    (t["capture"] / t["plain"] - 1) * 100,
+    "%",
+    goal="<= 10 %",
+  )
+  rec.figure(
+    "penzai_ratio", "Penzai `Jitted` / `jit_forward`", t["penzai"] / t["capture"], "x"
+  )
+  rec.save()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 
 import jax
 import numpy as np
+import record
 from configs import MID
 
 import gemma_surgery as gs
@@ -61,24 +62,28 @@ def resid_pre_sweep(model, clean, corrupted, chunk: int) -> np.ndarray:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=3)
+  record.add_arguments(parser)
   args = parser.parse_args()
+  rec = record.Recorder.from_args("patching", args)
   model = gs.build_model(MID, jax.random.key(0))
   clean, corrupted = prompts()
 
   def sweep(chunk):
     return resid_pre_sweep(model, clean, corrupted, chunk)
 
-  results, first, steady = {}, {}, {}
-  for name, chunk in (("batched", LAYERS * POSITIONS), ("sequential", 1)):
+  results, first, times = {}, {}, {}
+  chunks = {"batched": LAYERS * POSITIONS, "sequential": 1}
+  for name, chunk in chunks.items():
     start = time.perf_counter()
     results[name] = sweep(chunk)
     first[name] = time.perf_counter() - start
-    times = []
-    for _ in range(args.runs):
+    times[name] = []
+  for _ in range(args.runs):  # interleaved
+    for name, chunk in chunks.items():
       start = time.perf_counter()
       sweep(chunk)
-      times.append(time.perf_counter() - start)
-    steady[name] = statistics.median(times)
+      times[name].append(time.perf_counter() - start)
+  steady = {name: statistics.median(t) for name, t in times.items()}
   agree = np.abs(results["batched"] - results["sequential"]).max()
   print(
     f"jax {jax.__version__}, {jax.devices()[0].platform}; mid-size Gemma 2, float32,"
@@ -92,6 +97,19 @@ def main() -> None:
   ratio = steady["sequential"] / steady["batched"]
   print(f"speed-up batched / sequential (steady): {ratio:.2f} x")
   print(f"max |batched - sequential| = {agree:.2e}")
+  sweep_name = f"resid_pre sweep {LAYERS} layers × {POSITIONS} positions, mid-size"
+  rec.figure("batched_s", f"batched {sweep_name}, steady", steady["batched"], "s")
+  rec.figure("sequential_s", "one forward per patch, steady", steady["sequential"], "s")
+  rec.figure("ratio", "speed-up batched / per patch", ratio, "x", goal=">= 2.5x")
+  rec.figure(
+    "compile_s",
+    "trace + compile of the batched sweep (first − steady)",
+    first["batched"] - steady["batched"],
+    "s",
+    goal="< 5 s",
+  )
+  rec.figure("max_diff", "max |batched − per patch|", float(agree))
+  rec.save()
 
 
 if __name__ == "__main__":

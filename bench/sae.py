@@ -31,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import record
 from configs import MID
 from penzai import pz
 
@@ -75,7 +76,7 @@ def interleaved_medians(fns: dict, runs: int) -> dict[str, float]:
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def throughput(runs: int, threshold: float, n: int = 1024) -> None:
+def throughput(rec, runs: int, threshold: float, n: int = 1024) -> None:
   d, width = 2304, 16384
   arrays = random_sae(d, width, threshold=threshold)
   info = SAEInfo(family="res", layer=0, site="resid_post", d_in=d, width=width)
@@ -114,9 +115,21 @@ def throughput(runs: int, threshold: float, n: int = 1024) -> None:
       line += f"  {t['numpy'] / t[key]:.2f} x numpy; max |diff| {diff:.1e}"
     print(line)
   print(f"  latents on/off differently from numpy: {flips} of {f.size}")
+  case = f"{n} tokens, L0 {l0.mean():.0f}"
+  goal = ">= 1.5x" if n == 1024 and threshold > 2 else None
+  for key in ("dense", "sparse"):
+    name = "`AutoEncoder` (dense jit)" if key == "dense" else "`sparse.reconstruct`"
+    rec.figure(
+      f"{key}_{n}_{threshold}",
+      f"{name} / numpy, {case}",
+      t["numpy"] / t[key],
+      "x",
+      goal=goal,
+    )
+  rec.figure(f"flips_{n}_{threshold}", f"latents on/off unlike numpy, {case}", flips)
 
 
-def generation(runs: int) -> None:
+def generation(rec, runs: int) -> None:
   model = gs.build_model(MID, jax.random.key(0))
   info = SAEInfo(family="res", layer=4, site="resid_post", d_in=512, width=4096)
   sae = AutoEncoder.from_arrays(random_sae(512, 4096), info)
@@ -139,17 +152,26 @@ def generation(runs: int) -> None:
     f"  {64 / t['spliced']:6.1f} tok/s"
   )
   print(f"  overhead {(t['spliced'] / t['plain'] - 1) * 100:.1f} %")
+  rec.figure(
+    "splice_overhead",
+    "spliced SAE (width 4096) generation overhead, mid-size",
+    (t["spliced"] / t["plain"] - 1) * 100,
+    "%",
+  )
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=5)
+  record.add_arguments(parser)
   args = parser.parse_args()
+  rec = record.Recorder.from_args("sae", args)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}")
-  throughput(args.runs, threshold=2.6)
-  throughput(args.runs, threshold=1.28)
-  throughput(args.runs, threshold=2.6, n=8)
-  generation(args.runs)
+  throughput(rec, args.runs, threshold=2.6)
+  throughput(rec, args.runs, threshold=1.28)
+  throughput(rec, args.runs, threshold=2.6, n=8)
+  generation(rec, args.runs)
+  rec.save()
 
 
 if __name__ == "__main__":

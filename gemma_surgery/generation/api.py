@@ -168,7 +168,7 @@ def generate(
       ``top_p``, ``seed`` or ``eos_id`` never recompiles.
     top_k: Sample among the k most likely tokens (None: all).
     top_p: Nucleus sampling: sample among the smallest set of tokens whose
-      probability sums to >= ``top_p`` (at least one token; None: all).
+      probability sums to >= ``top_p`` (at least one token; None or 1: all).
     eos_id: A row stops after emitting this token; later positions hold
       ``pad_id``. The loop exits once every row has stopped. None: never.
     seed: Seed of the sampling keys (split per step like Penzai's
@@ -239,11 +239,11 @@ def generate(
     "pad": np.int32(pad_id),
     "temperature": np.float32(1.0 if greedy else temperature),
     "top_k": np.int32(min(top_k or vocab, vocab)),
-    "top_p": np.float32(2.0 if top_p is None else top_p),
+    "top_p": np.float32(2.0 if top_p is None or top_p >= 1 else top_p),
   }
-  mode = sampling.SamplingMode(
-    greedy=greedy, filtered=not greedy and (top_k is not None or top_p is not None)
-  )
+  # A filter that keeps every token is no filter (same tokens, no extra work).
+  filtered = (top_k is not None and top_k < vocab) or (top_p is not None and top_p < 1)
+  mode = sampling.SamplingMode(greedy=greedy, filtered=not greedy and filtered)
   out = decoding.decode(
     prepared.structure,
     leaves,

@@ -9,16 +9,33 @@ draws the same tokens as the Penzai loop.
 
 Filtering follows Hugging Face's order: divide by the temperature, keep the
 ``top_k`` most likely tokens, then keep the smallest set of those whose
-cumulative probability reaches ``top_p`` (always at least one token).
+cumulative probability reaches ``top_p`` (always at least one token). Ranks
+are by logit, ties broken by the lower token id (a stable sort's order).
+
+No step sorts the vocabulary. Filtered sampling takes the `FAST_K` largest
+logits with one ``lax.top_k``; when the kept set lies inside them (``top_k <=
+FAST_K``, or the nucleus ends there) it samples among them alone, with the
+Gumbel noise of ``jax.random.categorical`` computed at those positions only
+(`gumbel.gumbel_at`). Otherwise (a wide nucleus) the kept set is found on the
+whole vocabulary by bisecting on the logit value (`nucleus.keep_mask`).
+Both give the tokens the former full-sort implementation gave (tested on many
+seeds); the only possible difference is a token whose preceding probability
+mass lies within float32 rounding of ``top_p``, where summation order decides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
+
+from gemma_surgery.generation import gumbel, nucleus
+
+FAST_K = 1024
+"""Candidates taken by ``lax.top_k`` for filtered sampling (static)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +60,7 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
   Args:
     logits: ``[..., vocabulary]`` float logits (already temperature-scaled).
     top_k: Integer scalar; tokens of rank ``>= top_k`` are dropped (pass the
-      vocabulary size to keep all).
+      vocabulary size to keep all). Rank: by logit, ties by lower id.
     top_p: Float scalar in ``(0, 1]``; a token is kept if the probability of
       the tokens ranked above it (among the top-k) is ``< top_p``, so the kept
       set is the smallest whose cumulative probability is ``>= top_p``. Pass
@@ -53,16 +70,70 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     Logits of the same shape with dropped tokens set to ``-inf``. The most
     likely token is always kept.
   """
-  order = jnp.argsort(-logits, axis=-1, stable=True)
-  ranked = jnp.take_along_axis(logits, order, axis=-1)
-  rank = jnp.arange(logits.shape[-1])
-  keep = rank < top_k
-  probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = keep & ((mass_before < top_p) | (rank == 0))
-  inverse = jnp.argsort(order, axis=-1)
-  keep = jnp.take_along_axis(keep, inverse, axis=-1)
-  return jnp.where(keep, logits, -jnp.inf)
+  shape = logits.shape
+  flat = logits.reshape(-1, shape[-1])
+  keep = nucleus.keep_mask(flat, top_k, top_p)
+  return jnp.where(keep, flat, -jnp.inf).reshape(shape)
+
+
+def _fast(scaled, top_k, top_p, k: int):
+  """Top-k / top-p among the ``k`` largest logits of each row.
+
+  Returns ``(keep [rows, k], index [rows, k], values [rows, k], exact [rows])``
+  where ``exact`` says the kept set certainly lies among the ``k``.
+  """
+  vocab = scaled.shape[-1]
+  values, index = jax.lax.top_k(scaled, k)
+  rank = jnp.arange(k)
+  in_k = rank < top_k
+  top = jnp.max(scaled, axis=-1, keepdims=True)
+  e = jnp.exp(values - top)
+  all_tokens = top_k >= vocab
+  denom = jnp.where(
+    all_tokens,
+    jnp.sum(jnp.exp(scaled - top), axis=-1, keepdims=True),
+    jnp.sum(jnp.where(in_k, e, 0.0), axis=-1, keepdims=True),
+  )
+  probs = jnp.where(in_k, e / denom, 0.0)
+  cumulative = jnp.cumsum(probs, axis=-1)
+  keep = in_k & ((cumulative - probs < top_p) | (rank == 0))
+  exact = (top_k <= k) | (all_tokens & (cumulative[:, -1] >= top_p))
+  return keep, index, values, exact
+
+
+def sample_filtered(
+  keys: jax.Array, scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
+  """``jax.random.categorical(keys[n], filter_logits(scaled[n], ...))`` per row.
+
+  Args:
+    keys: ``[rows]`` PRNG keys.
+    scaled: ``[rows, vocabulary]`` temperature-scaled logits.
+    top_k: Int scalar (the vocabulary size: no top-k).
+    top_p: Float scalar (> 1: no top-p).
+
+  Returns:
+    ``[rows]`` int32 tokens.
+  """
+  vocab = scaled.shape[-1]
+  k = min(FAST_K, vocab)
+  keep, index, values, exact = _fast(scaled, top_k, top_p, k)
+
+  def among_candidates(_):
+    noise = gumbel.gumbel_at(keys, index, vocab)
+    score = jnp.where(keep, values + noise, -jnp.inf)
+    best = jnp.max(score, axis=-1, keepdims=True)
+    # argmax over the vocabulary returns the lowest id among equal maxima.
+    return jnp.min(jnp.where(score == best, index, vocab), axis=-1)
+
+  def whole_vocabulary(_):
+    filtered = filter_logits(scaled, top_k, top_p)
+    return jax.vmap(jax.random.categorical)(keys, filtered)
+
+  if k == vocab:
+    return among_candidates(None).astype(jnp.int32)
+  tokens = jax.lax.cond(jnp.all(exact), among_candidates, whole_vocabulary, None)
+  return tokens.astype(jnp.int32)
 
 
 def choose_tokens(
@@ -94,10 +165,13 @@ def choose_tokens(
   if mode.greedy:
     return pz.nx.nmap(jnp.argmax)(logits.untag("vocabulary")).astype(jnp.int32), rng
   scaled = logits / temperature
-  if mode.filtered:
-    scaled = pz.nx.nmap(filter_logits)(scaled.untag("vocabulary"), top_k, top_p).tag(
-      "vocabulary"
-    )
   keys = pz.nx.random_split(key, batch_axes)
-  tokens = pz.nx.nmap(jax.random.categorical)(keys, scaled.untag("vocabulary"))
-  return tokens.astype(jnp.int32), rng
+  if not mode.filtered:
+    tokens = pz.nx.nmap(jax.random.categorical)(keys, scaled.untag("vocabulary"))
+    return tokens.astype(jnp.int32), rng
+  names = tuple(batch_axes)
+  rows = math.prod(batch_axes.values())
+  flat = scaled.unwrap(*names, "vocabulary").reshape(rows, -1)
+  tokens = sample_filtered(keys.unwrap(*names).reshape(rows), flat, top_k, top_p)
+  shape = tuple(batch_axes.values())
+  return pz.nx.wrap(tokens.reshape(shape)).tag(*names), rng

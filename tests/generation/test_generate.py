@@ -18,7 +18,7 @@ from penzai.models.transformer import sampling_mode, simple_decoding_loop
 from penzai.toolshed import jit_wrapper
 
 import gemma_surgery as gs
-from gemma_surgery.generation import decoding, sampling
+from gemma_surgery.generation import decoding, prepared, sampling
 from gemma_surgery.generation import inputs as generation_inputs
 
 
@@ -171,10 +171,10 @@ def test_prepared_models_are_forgotten_with_their_model(base):
   import gc
 
   model = gs.steer(base, "resid_post", 0, pz.nx.wrap(jnp.ones(64)).tag("embedding"))
-  before = len(decoding._CACHE)
+  before = len(prepared._CACHE)
   decoding.prepare(model, 1, 8, None, None)
-  assert len(decoding._CACHE) == min(before + 1, decoding._CACHE_SIZE)
+  assert len(prepared._CACHE) == min(before + 1, prepared._CACHE_SIZE)
   entry = decoding.prepare(model, 1, 8, None, None)[0]
   del model
   gc.collect()
-  assert entry not in decoding._CACHE.values()
+  assert entry not in prepared._CACHE.values()
