@@ -5,14 +5,16 @@ gives two: steered and default); `Engine.run` generates a list of rows with
 the same sampling settings in ONE `gs.generate` call. Per-row steering is a
 ``{batch, embedding}`` steering vector at every (site, layer) some row steers
 (rows that don't steer there add zeros, which changes nothing), so the rows
-of different requests never see each other's edits.
+of different requests never see each other's edits. Every SAE's point is
+steered in every batch (zeros where no row asks for it), so steered and
+unsteered batches share one structure.
 
 Shapes are bucketed so that a stream of requests reuses few compilations:
 the batch is padded to a power of two (with unsteered copies of row 0), the
 prompt width to a multiple of 16 (left padding), and the number of new
-tokens to a power of two (each row keeps its own first ``max_new_tokens``;
-generation is causal, so a longer run starts with the same tokens). The set
-of steered (site, layer) points is part of the structure too.
+tokens to a power of two, at least 8 (each row keeps its own first
+``max_new_tokens``; generation is causal, so a longer run starts with the
+same tokens).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from gemma_surgery.surgery import steer
 __all__ = ["Engine", "Output", "Row", "source_name"]
 
 _WIDTH_STEP = 16
+_MIN_NEW = 8
 
 
 def source_name(sae: AutoEncoder) -> str:
@@ -155,13 +158,15 @@ class Engine:
       raise ValueError("Rows of one run share their sampling settings.")
     batch = min(_pow2(len(rows)), self.max_batch)
     width = -(-max(len(r.ids) for r in rows) // _WIDTH_STEP) * _WIDTH_STEP
-    new = min(_pow2(max(r.max_new_tokens for r in rows)), self.limits.max_new_tokens)
+    new = max(_MIN_NEW, _pow2(max(r.max_new_tokens for r in rows)))
+    new = min(new, self.limits.max_new_tokens)
     new = max(new, max(r.max_new_tokens for r in rows))
     ids = np.zeros((batch, width), np.int32)  # 0 = left padding
     for i in range(batch):
       row = rows[i] if i < len(rows) else rows[0]
       ids[i, width - len(row.ids) :] = row.ids
-    points = sorted({point for r in rows for point, _ in r.vectors})
+    # Every SAE's point, steered or not: one structure for every batch.
+    points = sorted({point for point, _ in self._saes.values()})
     model = self.model
     for site, layer in points:
       vectors = np.zeros((batch, self.dim), np.float32)

@@ -21,7 +21,8 @@ from gemma_surgery.serve.protocol import chat_template
 
 NEW = 8
 FEATURE = 212
-PROMPTS = ["The cat sat on", "Once upon a time there", "def main("]
+# Prompts of one token length: the library references share compilations.
+PROMPTS = ["The cat sat on", "The dog ran to"]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_openai_chat_and_streaming(client, lm, sae):
 
 def test_neuronpedia_steer_shape(server, lm, sae):
   body = {
-    "prompt": PROMPTS[2],
+    "prompt": PROMPTS[1],
     "modelId": "tiny",
     "features": [
       {"modelId": "tiny", "layer": "2-res", "index": FEATURE, "strength": 10.0}
@@ -130,14 +131,14 @@ def test_neuronpedia_steer_shape(server, lm, sae):
     "seed": 0,
   }
   answer = httpx.post(f"{server}/v1/steer", json=body, timeout=120).json()
-  assert answer["STEERED"] == library(lm, sae, PROMPTS[2], 40.0)
-  assert answer["DEFAULT"] == library(lm, sae, PROMPTS[2])
+  assert answer["STEERED"] == library(lm, sae, PROMPTS[1], 40.0)
+  assert answer["DEFAULT"] == library(lm, sae, PROMPTS[1])
   assert answer["STEERED"] != answer["DEFAULT"]
 
 
 def test_32_concurrent_requests_get_their_own_steering(server, lm, sae):
-  strengths = [float(4 * i - 60) for i in range(32)]
-  prompts = [PROMPTS[i % 3] for i in range(32)]
+  strengths = [float(4 * i - 62) for i in range(32)]  # all different
+  prompts = [PROMPTS[i % 2] for i in range(32)]
 
   async def ask(http, prompt, strength):
     body = {"prompt": prompt, "max_tokens": NEW, **steering(strength)}
@@ -156,21 +157,19 @@ def test_32_concurrent_requests_get_their_own_steering(server, lm, sae):
   batches = httpx.get(f"{server}/health").json()["batches"][before:]
   assert sum(batches) == 32 and max(batches) > 1  # they were batched
   # The reference: the library's per-row sweep (== single runs, see
-  # tests/generation/test_sweep.py), one call per prompt.
+  # tests/generation/test_sweep.py) of every strength on both prompts.
   vector = gs.sae.feature_direction(sae, FEATURE)
-  for p, prompt in enumerate(PROMPTS):
-    mine = [s for s, q in zip(strengths, prompts, strict=True) if q == prompt]
-    ref = gs.sweep(
-      lm.model,
-      lambda m, s: gs.steer(m, "resid_post", 2, vector, s),
-      [prompt],
-      grid={"s": mine},
-      max_new_tokens=NEW,
-      tokenizer=lm.tokenizer,
-      eos_id=1,
-    )
-    got = [t for t, q in zip(texts, prompts, strict=True) if q == prompt]
-    assert got == [str(t) for t in ref.text[:, 0]], p
+  ref = gs.sweep(
+    lm.model,
+    lambda m, s: gs.steer(m, "resid_post", 2, vector, s),
+    PROMPTS,
+    grid={"s": strengths},
+    max_new_tokens=NEW,
+    tokenizer=lm.tokenizer,
+    eos_id=1,
+  )
+  expected = [ref.text[i, i % 2] for i in range(32)]
+  assert texts == expected
   assert len(set(texts)) > 3
 
 
