@@ -194,7 +194,8 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     " 'steering' field in the body steers with SAE features) and a"
     " Neuronpedia-style /v1/steer. Requests arriving within --window-ms share"
     " one fused generation, each row with its own steering (needs the 'serve'"
-    " extra: pip install gemma-surgery[serve]).",
+    " extra: pip install gemma-surgery[serve]). On several processes, process"
+    " 0 serves and the others run each generation with it.",
   )
   add_model(srv, positional=False)
   add_sae(srv, required=False)
@@ -205,10 +206,7 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
   srv.add_argument("--max-queue", type=_positive_int, default=256)
   srv.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
   srv.add_argument("--max-new-tokens", type=_positive_int, default=256)
-  # One process for now (no distributed flags); see the README's serve section.
-  srv.set_defaults(
-    coordinator=None, num_processes=None, process_id=None, init_timeout=300, mesh=None
-  )
+  add_distributed(srv)
   return parser, {
     "tour": tour,
     "generate": gen,
@@ -418,16 +416,23 @@ def _serve(args) -> int:
     eos_id=lm.config.eos_id,
     limits=limits,
     max_batch=args.max_batch,
+    mesh=args.mesh_,
   )
+  if not distributed.is_primary():
+    engine.follow()  # run what process 0 announces, until it stops
+    return 0
   print(f"steering sources: {engine.sources}", file=sys.stderr)
-  serve.serve(
-    engine,
-    host=args.host,
-    port=args.port,
-    name=args.source,
-    window_s=args.window_ms / 1000,
-    max_queue=args.max_queue,
-  )
+  try:
+    serve.serve(
+      engine,
+      host=args.host,
+      port=args.port,
+      name=args.source,
+      window_s=args.window_ms / 1000,
+      max_queue=args.max_queue,
+    )
+  finally:
+    engine.stop_followers()
   return 0
 
 

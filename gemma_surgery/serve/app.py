@@ -74,6 +74,7 @@ def make_app(
     await batcher.start()
     yield
     await batcher.stop()
+    engine.stop_followers()  # several processes: the others stop following
 
   app = FastAPI(title="gemma-surgery", lifespan=lifespan)
   app.state.batcher = batcher

@@ -59,11 +59,12 @@ class Batcher:
     self._task = asyncio.create_task(self._loop())
 
   async def stop(self) -> None:
+    """Stops batching and waits for a generation in progress to finish."""
     if self._task is not None:
       self._task.cancel()
       with contextlib.suppress(asyncio.CancelledError):
         await self._task
-    self._pool.shutdown(wait=False, cancel_futures=True)
+    await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
 
   async def submit(self, rows: Sequence[Any]) -> list[Any]:
     """The outputs of ``rows`` (one request), generated in some batch.

@@ -23,15 +23,18 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors
-from gemma_surgery.generation.api import generate
+from gemma_surgery.generation.api import GenerationResult, generate
 from gemma_surgery.host import to_numpy
+from gemma_surgery.parallel import distributed
 from gemma_surgery.sae import AutoEncoder
 from gemma_surgery.sae.splice import check_fits
+from gemma_surgery.serve import relay
 from gemma_surgery.serve.protocol import Job, Limits, RequestError
 from gemma_surgery.surgery import steer
 
@@ -83,6 +86,8 @@ class Engine:
     eos_id: End-of-sequence id (None: never stop early).
     limits: Prompt and generation bounds.
     max_batch: Most rows in one generation.
+    mesh: Device mesh of the model (several processes: every process builds
+      the same `Engine`; process 0 serves, the others `follow`).
 
   Raises:
     SAEError: An SAE that doesn't fit the model or writes ``attn.z``.
@@ -97,8 +102,10 @@ class Engine:
     eos_id: int | None,
     limits: Limits = Limits(),  # noqa: B008 - frozen dataclass
     max_batch: int = 32,
+    mesh: Any = None,
   ):
     self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
+    self.mesh, self._stopped = mesh, False
     self.limits, self.max_batch = limits, max_batch
     self._saes: dict[str, tuple[tuple[str, int], np.ndarray]] = {}
     for sae in saes:
@@ -149,9 +156,35 @@ class Engine:
   def run(self, rows: Sequence[Row]) -> list[Output]:
     """Generates every row in one fused call (rows share their sampling).
 
+    On several processes (process 0 serving), the batch is first announced
+    to the other processes (see `gemma_surgery.serve.relay`), which run the
+    same generation.
+
     Raises:
       ValueError: No rows, more than ``max_batch`` rows, or mixed sampling.
     """
+    plan = self.plan(rows)
+    if jax.process_count() > 1:
+      plan = relay.announce(plan)
+    out = self.execute(plan)
+    results = []
+    for i, r in enumerate(rows):
+      tokens = [int(t) for t in out.tokens[i, : min(out.lengths[i], r.max_new_tokens)]]
+      stopped = self.eos_id is not None and self.eos_id in tokens
+      if stopped:
+        tokens = tokens[: tokens.index(self.eos_id)]
+      text = self.tokenizer.decode(tokens) if tokens else ""
+      results.append(Output(tokens, text, "stop" if stopped else "length"))
+    return results
+
+  @property
+  def points(self) -> list[tuple[str, int]]:
+    """Every SAE's (site, layer): all are steered in every batch (zeros where
+    no row asks), so steered and unsteered batches share one structure."""
+    return sorted({point for point, _ in self._saes.values()})
+
+  def plan(self, rows: Sequence[Row]) -> relay.Plan:
+    """The padded arrays of one generation (see the module doc)."""
     if not rows or len(rows) > self.max_batch:
       raise ValueError(f"run takes 1..{self.max_batch} rows, got {len(rows)}.")
     if len({r.sampling for r in rows}) != 1:
@@ -165,37 +198,47 @@ class Engine:
     for i in range(batch):
       row = rows[i] if i < len(rows) else rows[0]
       ids[i, width - len(row.ids) :] = row.ids
-    # Every SAE's point, steered or not: one structure for every batch.
-    points = sorted({point for point, _ in self._saes.values()})
+    points = self.points
+    vectors = np.zeros((len(points), batch, self.dim), np.float32)
+    for i, r in enumerate(rows):
+      for point, v in r.vectors:
+        vectors[points.index(point), i] = v
+    return relay.Plan(ids, vectors, new, *rows[0].sampling)
+
+  def execute(self, plan: relay.Plan) -> GenerationResult:
+    """Runs one planned generation (on every process of a multi-process run)."""
     model = self.model
-    for site, layer in points:
-      vectors = np.zeros((batch, self.dim), np.float32)
-      for i, r in enumerate(rows):
-        for point, v in r.vectors:
-          if point == (site, layer):
-            vectors[i] = v
+    for (site, layer), vectors in zip(self.points, plan.vectors, strict=True):
       named = pz.nx.wrap(jnp.asarray(vectors)).tag("batch", "embedding")
       model = steer(model, site, layer, named, 1.0)
-    temperature, top_p, seed = rows[0].sampling
-    out = generate(
+    return generate(
       model,
-      ids,
-      max_new_tokens=new,
-      temperature=temperature,
-      top_p=top_p,
-      seed=seed,
+      plan.ids,
+      max_new_tokens=plan.new,
+      temperature=plan.temperature,
+      top_p=plan.top_p,
+      seed=plan.seed,
       eos_id=self.eos_id,
       pad_id=0,
+      mesh=self.mesh,
     )
-    results = []
-    for i, r in enumerate(rows):
-      tokens = [int(t) for t in out.tokens[i, : min(out.lengths[i], r.max_new_tokens)]]
-      stopped = self.eos_id is not None and self.eos_id in tokens
-      if stopped:
-        tokens = tokens[: tokens.index(self.eos_id)]
-      text = self.tokenizer.decode(tokens) if tokens else ""
-      results.append(Output(tokens, text, "stop" if stopped else "length"))
-    return results
+
+  def follow(self) -> None:
+    """On processes other than 0: run every generation process 0 announces,
+    until it announces the end (`stop_followers`); then leave the run."""
+    while (plan := relay.receive(len(self.points), self.dim)) is not None:
+      self.execute(plan)
+    distributed.shutdown()
+
+  def stop_followers(self) -> None:
+    """On process 0 of a multi-process run: ends the other processes' `follow`
+    and leaves the run with them (once; call it when no generation runs any
+    more). The process may then exit however it likes (uvicorn re-raises
+    the SIGTERM it handled) without the others seeing a dead peer."""
+    if jax.process_count() > 1 and not self._stopped:
+      self._stopped = True
+      relay.stop()
+      distributed.shutdown()
 
   def pieces(self, tokens: Sequence[int]) -> list[str]:
     """Text pieces whose concatenation is the decoded text (for streaming)."""
