@@ -32,6 +32,10 @@ def tokens(lm):
   return pz.nx.wrap(jnp.asarray([r[:width] for r in ids])).tag("batch", "seq")
 
 
+def _logits(model, tokens) -> np.ndarray:
+  return np.asarray(gs.jit_forward(model)(tokens).unwrap("batch", "seq", "vocabulary"))
+
+
 def _edit(model, sae, clamp, head, neuron):
   edits = gs.sae.feature_edits(sae, clamp={212: clamp})
   model = gs.sae.splice_sae(model, sae, use_error_term=True, edits=edits)
@@ -47,9 +51,9 @@ def test_mixed_per_row_edits_equal_uniform_runs(lm, sae, tokens):
     "batch", "seq"
   )
   stacked = gs.stack_rows(rows)
-  out = np.asarray(stacked(batch).unwrap("batch", "seq", "vocabulary"))
+  out = _logits(stacked, batch)
   for i, model in enumerate(rows):
-    ref = np.asarray(model(batch).unwrap("batch", "seq", "vocabulary"))
+    ref = _logits(model, batch)
     np.testing.assert_allclose(out[i], ref[i], atol=1e-5, rtol=0)
   assert np.abs(out[0] - out[2]).max() > 0.1  # the rows' edits differ
   # The shared SAE weights and model parameters are not copied per row.
@@ -63,12 +67,10 @@ def test_per_row_scale_argument(lm, tokens):
   vector = pz.nx.wrap(jnp.ones(256)).tag("embedding")
   scales = pz.nx.wrap(jnp.asarray([0.0, 5.0])).tag("batch")
   per_row = gs.steer(lm.model, "resid_post", 2, vector, scales)
-  out = per_row(tokens).unwrap("batch", "seq", "vocabulary")
+  out = _logits(per_row, tokens)
   for i, s in enumerate((0.0, 5.0)):
-    ref = gs.steer(lm.model, "resid_post", 2, vector, s)(tokens)
-    np.testing.assert_allclose(
-      out[i], ref.unwrap("batch", "seq", "vocabulary")[i], atol=1e-5, rtol=0
-    )
+    ref = _logits(gs.steer(lm.model, "resid_post", 2, vector, s), tokens)
+    np.testing.assert_allclose(out[i], ref[i], atol=1e-5, rtol=0)
   with pytest.raises(gs.SurgeryError, match="batch=2.*batch=1"):
     per_row(tokens[{"batch": pz.slice[0:1]}])
   with pytest.raises(gs.SurgeryError, match="Steering scale"):
