@@ -33,9 +33,11 @@ from gemma_surgery.errors import (
 )
 from gemma_surgery.generation import (
   GenerationResult,
+  SweepResult,
   generate,
   greedy_generate,
   named_tokens,
+  sweep,
 )
 from gemma_surgery.loading import LoadedModel, load
 from gemma_surgery.model import GemmaTransformerLM, build_model
@@ -52,6 +54,7 @@ from gemma_surgery.surgery import (
   interventions,
   jit_forward,
   sites,
+  stack_rows,
   steer,
   unpatch,
 )
@@ -85,7 +88,10 @@ __all__ = [
   "jit_forward",
   "memory",
   "sites",
+  "stack_rows",
   "steer",
+  "sweep",
+  "SweepResult",
   "unpatch",
   "CheckpointError",
   "ConfigError",

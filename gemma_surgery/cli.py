@@ -185,7 +185,35 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
   )
   add_model(info)
   add_distributed(info)
-  return parser, {"tour": tour, "generate": gen, "sae-features": feats, "info": info}
+
+  srv = verbs.add_parser(
+    "serve",
+    formatter_class=_Formatter,
+    help="serve the model over OpenAI-compatible HTTP, with SAE steering",
+    description="OpenAI /v1/completions and /v1/chat/completions (a"
+    " 'steering' field in the body steers with SAE features) and a"
+    " Neuronpedia-style /v1/steer. Requests arriving within --window-ms share"
+    " one fused generation, each row with its own steering (needs the 'serve'"
+    " extra: pip install gemma-surgery[serve]). On several processes, process"
+    " 0 serves and the others run each generation with it.",
+  )
+  add_model(srv, positional=False)
+  add_sae(srv, required=False)
+  srv.add_argument("--host", default="127.0.0.1", help="interface (default loopback)")
+  srv.add_argument("--port", type=int, default=8000)
+  srv.add_argument("--max-batch", type=_positive_int, default=32, help="rows per batch")
+  srv.add_argument("--window-ms", type=float, default=10.0, help="batching window")
+  srv.add_argument("--max-queue", type=_positive_int, default=256)
+  srv.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
+  srv.add_argument("--max-new-tokens", type=_positive_int, default=256)
+  add_distributed(srv)
+  return parser, {
+    "tour": tour,
+    "generate": gen,
+    "sae-features": feats,
+    "info": info,
+    "serve": srv,
+  }
 
 
 def _start(args):
@@ -368,11 +396,52 @@ def _info(args) -> int:
   return 0
 
 
+def _serve(args) -> int:
+  # The serve wing needs the optional FastAPI/uvicorn dependencies: imported
+  # here so that the other verbs work without them.
+  try:
+    from gemma_surgery import serve
+  except ImportError as e:
+    raise errors.InputError(
+      f"serve needs the 'serve' extra ({e}): pip install gemma-surgery[serve]."
+    ) from e
+  lm = _load(args)
+  _need_tokenizer(lm)
+  saes = [_load_sae(args, lm)] if args.sae is not None else []
+  limits = serve.Limits(args.max_prompt_tokens, args.max_new_tokens)
+  engine = serve.Engine(
+    lm.model,
+    lm.tokenizer,
+    saes,
+    eos_id=lm.config.eos_id,
+    limits=limits,
+    max_batch=args.max_batch,
+    mesh=args.mesh_,
+  )
+  if not distributed.is_primary():
+    engine.follow()  # run what process 0 announces, until it stops
+    return 0
+  print(f"steering sources: {engine.sources}", file=sys.stderr)
+  try:
+    serve.serve(
+      engine,
+      host=args.host,
+      port=args.port,
+      name=args.source,
+      window_s=args.window_ms / 1000,
+      max_queue=args.max_queue,
+    )
+  finally:
+    engine.stop_followers()
+  return 0
+
+
 _VERBS = {
   "tour": _tour,
   "generate": _generate,
   "sae-features": _sae_features,
   "info": _info,
+  "serve": _serve,
 }
 
 

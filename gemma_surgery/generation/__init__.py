@@ -5,16 +5,18 @@
   with captures written into fixed-shape buffers.
 * `inputs`: prompts to token-id arrays (`token_batch`, `named_tokens`) and
   argument checks.
+* `sweeps`: `sweep` (grid of edits x prompts in one batch), `SweepResult`.
 * `sampling`: temperature, top-k and top-p on the device.
 """
 
-from gemma_surgery.generation import decoding, inputs, sampling
+from gemma_surgery.generation import decoding, inputs, sampling, sweeps
 from gemma_surgery.generation.api import (
   GenerationResult,
   generate,
   greedy_generate,
 )
 from gemma_surgery.generation.inputs import named_tokens, token_batch
+from gemma_surgery.generation.sweeps import SweepResult, sweep, sweep_model
 
 __all__ = [
   "GenerationResult",
@@ -24,5 +26,9 @@ __all__ = [
   "inputs",
   "named_tokens",
   "sampling",
+  "SweepResult",
+  "sweep",
+  "sweep_model",
+  "sweeps",
   "token_batch",
 ]

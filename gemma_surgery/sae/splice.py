@@ -153,6 +153,7 @@ class SpliceSAE(base.SurgeryLayer):
   def __call__(self, value: pz.nx.NamedArray, /, **side_inputs) -> pz.nx.NamedArray:
     if self.use_error_term and self.edits is None and self.features is None:
       return value  # x + (decode(f) - decode(f)): nothing to compute.
+    base.check_rows(self.edits, value)
     x = flatten_heads(self.site, value).astype(jnp.float32)
     f = self.sae.encode(x)
     new = _spliced(self.sae, f, x, self.edits, self.use_error_term)
@@ -212,6 +213,7 @@ class TranscoderOutput(base.SurgeryLayer):
     self.channel.value = None
     if self.use_error_term and self.edits is None and self.features is None:
       return value
+    base.check_rows(self.edits, value)
     x_in = flatten_heads(self.sae.info.site, x_in).astype(jnp.float32)
     y = flatten_heads(self.site, value).astype(jnp.float32)
     f = self.sae.encode(x_in)

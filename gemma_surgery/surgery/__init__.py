@@ -8,6 +8,7 @@
 * `interventions`: ablation, patching, neurons, attention patterns, top-k.
 * `captures`: `Captures`, the one container every capture path returns.
 * `checks`: the one place where user inputs and site sizes are checked.
+* `rows`: `stack_rows`, per-row edits (row i of a batch gets edit i).
 * `run`: `jit_forward` and frozen-parameter forwards.
 * `readout`: the model's read-out head (final norm + unembedding).
 
@@ -23,6 +24,7 @@ from gemma_surgery.surgery import (
   layers,
   readout,
   rewrites,
+  rows,
   run,
   sites,
 )
@@ -30,6 +32,7 @@ from gemma_surgery.surgery.captures import Captures
 from gemma_surgery.surgery.layers.capture import DisplayIntermediate, SaveIntermediate
 from gemma_surgery.surgery.layers.steer import SteerIntermediate
 from gemma_surgery.surgery.rewrites import capture, chain, steer, unpatch
+from gemma_surgery.surgery.rows import stack_rows
 from gemma_surgery.surgery.run import jit_forward
 from gemma_surgery.surgery.sites import SITES
 
@@ -49,8 +52,10 @@ __all__ = [
   "layers",
   "readout",
   "rewrites",
+  "rows",
   "run",
   "sites",
+  "stack_rows",
   "steer",
   "unpatch",
 ]

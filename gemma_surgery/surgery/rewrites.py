@@ -96,7 +96,10 @@ def steer(
     site: Any site name.
     layers: Layer(s), None for all; must be None at global sites.
     vector: NamedArray over (a subset of) the site's axes plus batch/seq.
-    scale: Finite real number.
+    scale: Finite real number, or a ``{batch}`` NamedArray of per-row scales
+      (row ``i`` of the input is steered by ``scale[i]``; the model then runs
+      on exactly that many rows). A ``{batch, ...}`` vector is per-row too;
+      `gemma_surgery.surgery.rows.stack_rows` makes any edit per-row.
     positions: ``"all"``, ``"prompt"`` or ``"generated"``.
     mask: Optional ``{seq}``/``{batch, seq}`` bool (or 0/1) NamedArray of
       positions to steer; its sizes must match the inputs the model runs on.
@@ -120,7 +123,15 @@ def steer(
   for flag, given in (("skip_bos", skip_bos), ("relative", relative)):
     if not isinstance(given, bool):
       raise errors.SurgeryError(f"{flag} must be True or False, got {given!r}.")
-  checks.check_scalar("Steering scale", scale)
+  if isinstance(scale, pz.nx.NamedArray | pz.nx.NamedArrayView):
+    # Per-row scales: row i of the batch is steered by scale[i].
+    checks.check_value(
+      model, site, scale, "Steering scale", allowed=("batch",), required=("batch",)
+    )
+    scale = scale.astype(jnp.float32)
+  else:
+    checks.check_scalar("Steering scale", scale)
+    scale = jnp.asarray(scale, jnp.float32)
   norm_axes = tuple(a for a in sites.site_info(site).axes if a != "heads")
   if relative and site == "attn.scores":
     raise errors.SurgeryError(
@@ -138,7 +149,7 @@ def steer(
     layers,
     lambda _: SteerIntermediate(
       vector=vector,
-      scale=jnp.asarray(scale, jnp.float32),
+      scale=scale,
       mask=None if seq_mask is None else seq_mask != 0,
       site=site,
       positions=positions,

@@ -25,12 +25,22 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(args: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
-  """Starts a Python process in its own process group, output to ``log``."""
+def launch(
+  args: list[str],
+  devices: int,
+  log: pathlib.Path,
+  extra_path: list[pathlib.Path] = (),
+) -> subprocess.Popen:
+  """Starts a Python process in its own process group, output to ``log``.
+
+  ``extra_path`` entries go first on its PYTHONPATH (e.g. the repository, so
+  ``python -m gemma_surgery`` imports this checkout).
+  """
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+  paths = [*map(str, extra_path), str(TESTS), env.get("PYTHONPATH", "")]
+  env["PYTHONPATH"] = os.pathsep.join(paths)
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(name, None)
   with open(log, "wb") as out:

@@ -80,6 +80,7 @@ class Ablate(base.SurgeryLayer):
   mean_axes: tuple[str, ...] = base.static_field(("batch", "seq"))
 
   def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> Any:
+    base.check_rows(self, x)
     if self.mode == "zero":
       replacement = pz.nx.wrap(jnp.zeros((), x.dtype))
     elif self.mode == "mean":
@@ -133,6 +134,7 @@ class Patch(base.SurgeryLayer):
   site: str = base.static_field("resid_post")
 
   def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> Any:
+    base.check_rows(self, x)
     value = heads.native_value(self.site, self.value, x)
     return replace_where(self.site, x, value, (self.seq_mask, self.head_mask))
 

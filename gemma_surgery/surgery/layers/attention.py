@@ -62,6 +62,7 @@ class KnockOutHeads(base.SurgeryLayer):
   sliding_window: int | None = base.static_field(None)
 
   def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> Any:
+    base.check_rows(self, x)
     target = bos_pattern(side_inputs, self.sliding_window)
     return replace_where(self.site, x, target, (self.head_mask,))
 
@@ -84,6 +85,7 @@ class OverridePattern(base.SurgeryLayer):
   site: str = base.static_field("attn.pattern")
 
   def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> Any:
+    base.check_rows(self, x)
     pattern = heads.native_value(self.site, self.pattern, x)
     return replace_where(self.site, x, pattern, (self.head_mask,))
 
@@ -109,6 +111,7 @@ class RescalePattern(base.SurgeryLayer):
   renormalize: bool = base.static_field(False)
 
   def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> Any:
+    base.check_rows(self, x)
     out = x * heads.native_value(self.site, self.factors, x).astype(x.dtype)
     if self.renormalize:
       total = pz.nx.nmap(jnp.sum)(out.untag("kv_seq"))

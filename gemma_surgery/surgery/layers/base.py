@@ -89,3 +89,28 @@ def store(variable: pz.StateVariable, value: Any) -> None:
     variable._raw_value = value  # noqa: SLF001 - see docstring
   else:
     variable.value = value
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, pz.nx.NamedArray | pz.nx.NamedArrayView | pz.AbstractVariable)
+
+
+def check_rows(layer: Any, value: pz.nx.NamedArray) -> None:
+  """Raises `SurgeryError` if a layer's per-row edits don't fit the batch.
+
+  Per-row edits are array fields with a ``batch`` axis (see
+  `gemma_surgery.surgery.rows`); row ``i`` of the activation gets slice ``i``.
+  Called by surgery layers at trace time (static shapes only): every such
+  field must match the activation's ``batch`` size.
+  """
+  have = value.named_shape.get("batch")
+  for leaf in jax.tree_util.tree_leaves(layer, is_leaf=_is_array):
+    if not isinstance(leaf, pz.nx.NamedArray | pz.nx.NamedArrayView):
+      continue
+    rows = leaf.named_shape.get("batch")
+    if rows is not None and rows != have:
+      raise errors.SurgeryError(
+        f"{type(layer).__name__} at {getattr(layer, 'site', '?')!r} has per-row"
+        f" edits for batch={rows}, but the model runs on batch={have}"
+        f" ({dict(value.named_shape)}). Run it on exactly {rows} rows."
+      )

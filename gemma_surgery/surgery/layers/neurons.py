@@ -28,6 +28,7 @@ class NeuronScale(base.SurgeryLayer):
   site: str = base.static_field("mlp.hidden")
 
   def __call__(self, x: pz.nx.NamedArray, /, **side_inputs) -> Any:
+    base.check_rows(self, x)
     return x * heads.native_value(self.site, self.factors, x).astype(x.dtype)
 
   def treescope_color(self) -> str:

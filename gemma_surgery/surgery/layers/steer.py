@@ -51,6 +51,7 @@ class SteerIntermediate(base.SurgeryLayer):
   norm_axes: tuple[str, ...] = base.static_field(("embedding",))
 
   def __call__(self, value: pz.nx.NamedArray, /, **side_inputs) -> Any:
+    base.check_rows(self, value)
     vector = heads.native_value(self.site, self.vector, value).astype(value.dtype)
     if self.relative:
       delta = self.scale * _relative(vector, value, self.norm_axes, self.site)

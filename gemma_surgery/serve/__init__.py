@@ -1,0 +1,33 @@
+"""The serve wing: a steered Gemma behind OpenAI-compatible HTTP endpoints.
+
+    gemma-surgery serve --model tiny --sae tiny --port 8000
+
+* `protocol`: request bodies (OpenAI completions/chat with a ``steering``
+  extension, Neuronpedia's steer shape) checked into `Job` s; `RequestError`.
+* `engine`: `Engine`, rows of many requests in one fused generation with
+  per-row steering vectors.
+* `batcher`: `Batcher`, windowed batching with a bounded queue.
+* `app`: `make_app`, the FastAPI routes; `run.serve` starts uvicorn.
+
+Needs the ``serve`` extra (``pip install gemma-surgery[serve]``: FastAPI and
+uvicorn); importing the library itself never needs them.
+"""
+
+from gemma_surgery.serve import app, batcher, engine, protocol, run
+from gemma_surgery.serve.app import make_app
+from gemma_surgery.serve.engine import Engine
+from gemma_surgery.serve.protocol import Limits, RequestError
+from gemma_surgery.serve.run import serve
+
+__all__ = [
+  "Engine",
+  "Limits",
+  "RequestError",
+  "app",
+  "batcher",
+  "engine",
+  "make_app",
+  "protocol",
+  "run",
+  "serve",
+]

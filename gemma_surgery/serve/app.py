@@ -1,0 +1,200 @@
+"""The HTTP app: OpenAI-compatible completions and Neuronpedia-style steering.
+
+Routes:
+  GET  /health                 ``{"status": "ok", "batches": [rows, ...]}``
+  GET  /v1/models              the served model and its steerable SAEs
+  POST /v1/completions         OpenAI completions (``stream`` too)
+  POST /v1/chat/completions    OpenAI chat completions (``stream`` too)
+  POST /v1/steer               Neuronpedia's steer request: ``{"STEERED",
+                               "DEFAULT"}`` completions of one prompt
+
+Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with a
+4xx status for bad requests (400), a full queue (429), and 500 if a
+generation fails; every request is handled on its own, so one bad request
+never affects another. Streaming sends OpenAI's server-sent events; since a
+row's tokens come out of one fused generation, its chunks are sent once that
+generation has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gemma_surgery.serve import protocol
+from gemma_surgery.serve.batcher import Batcher
+from gemma_surgery.serve.engine import Engine, Output
+from gemma_surgery.serve.protocol import Job, RequestError
+
+__all__ = ["make_app"]
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+  kind = "invalid_request_error" if status < 500 else "server_error"
+  body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+  return JSONResponse(body, status_code=status)
+
+
+def _cut(output: Output, stop: tuple[str, ...]) -> tuple[str, str]:
+  """The text before the first stop string, and the finish reason."""
+  text, reason = output.text, output.finish_reason
+  cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+  if cuts:
+    return text[: min(cuts)], "stop"
+  return text, reason
+
+
+def make_app(
+  engine: Engine,
+  *,
+  name: str = "gemma",
+  window_s: float = 0.01,
+  max_queue: int = 256,
+) -> FastAPI:
+  """A FastAPI app serving ``engine`` (see the module doc).
+
+  Args:
+    engine: The `Engine` (model, tokenizer, SAEs, limits).
+    name: The model name reported in responses.
+    window_s: Batching window (see `gemma_surgery.serve.batcher`).
+    max_queue: Most waiting requests before 429.
+  """
+  batcher = Batcher(
+    engine.run, max_batch=engine.max_batch, window_s=window_s, max_queue=max_queue
+  )
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    await batcher.start()
+    yield
+    await batcher.stop()
+    engine.stop_followers()  # several processes: the others stop following
+
+  app = FastAPI(title="gemma-surgery", lifespan=lifespan)
+  app.state.batcher = batcher
+
+  @app.exception_handler(RequestError)
+  async def request_error(request, e: RequestError):
+    return _error(e.status, e.message, e.param)
+
+  @app.exception_handler(Exception)
+  async def server_error(request, e: Exception):
+    return _error(500, f"Generation failed: {type(e).__name__}: {e}")
+
+  async def body_of(request: Request) -> dict:
+    return protocol.parse_json(await request.body())
+
+  @app.get("/health")
+  async def health():
+    # Rows of the last generations: shows how requests were batched.
+    return {"status": "ok", "batches": batcher.batches[-256:]}
+
+  @app.get("/v1/models")
+  async def models():
+    return {
+      "object": "list",
+      "data": [{"id": name, "object": "model", "owned_by": "gemma-surgery"}],
+      "steering_sources": engine.sources,
+    }
+
+  async def complete(job: Job) -> tuple[Output, int]:
+    rows = engine.rows(job)
+    return (await batcher.submit(rows))[0], len(rows[0].ids)
+
+  def usage(prompt: int, output: Output) -> dict:
+    n = len(output.tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+  def stream(job: Job, output: Output, chat: bool, ident: str) -> StreamingResponse:
+    text, reason = _cut(output, job.stop)
+    pieces, sent = [], ""
+    for piece in engine.pieces(output.tokens):
+      if len(sent) + len(piece) > len(text):
+        piece = text[len(sent) :]
+      if piece:
+        pieces.append(piece)
+        sent += piece
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
+      if chat:
+        delta = {"role": "assistant", "content": ""} if first else {}
+        if piece is not None:
+          delta["content"] = piece
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+      else:
+        choice = {"index": 0, "text": piece or "", "finish_reason": finish}
+        choice["logprobs"] = None
+      body = {
+        "id": ident,
+        "object": kind,
+        "created": int(time.time()),
+        "model": job.model or name,
+        "choices": [choice],
+      }
+      return f"data: {json.dumps(body)}\n\n"
+
+    def events():
+      if chat:
+        yield chunk(None, None, first=True)
+      for piece in pieces:
+        yield chunk(piece, None)
+      yield chunk(None, reason)
+      yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+  @app.post("/v1/completions")
+  async def completions(request: Request):
+    job = protocol.completion_job(await body_of(request), engine.limits, engine.sources)
+    output, prompt = await complete(job)
+    ident = f"cmpl-{uuid.uuid4().hex}"
+    if job.stream:
+      return stream(job, output, False, ident)
+    text, reason = _cut(output, job.stop)
+    choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+    return {
+      "id": ident,
+      "object": "text_completion",
+      "created": int(time.time()),
+      "model": job.model or name,
+      "choices": [choice],
+      "usage": usage(prompt, output),
+    }
+
+  @app.post("/v1/chat/completions")
+  async def chat(request: Request):
+    job = protocol.chat_job(await body_of(request), engine.limits, engine.sources)
+    output, prompt = await complete(job)
+    ident = f"chatcmpl-{uuid.uuid4().hex}"
+    if job.stream:
+      return stream(job, output, True, ident)
+    text, reason = _cut(output, job.stop)
+    message = {"role": "assistant", "content": text}
+    return {
+      "id": ident,
+      "object": "chat.completion",
+      "created": int(time.time()),
+      "model": job.model or name,
+      "choices": [{"index": 0, "message": message, "finish_reason": reason}],
+      "usage": usage(prompt, output),
+    }
+
+  @app.post("/v1/steer")
+  async def steer(request: Request) -> Any:
+    job = protocol.steer_job(await body_of(request), engine.limits, engine.sources)
+    steered, default = await batcher.submit(engine.rows(job))
+    return {
+      "STEERED": steered.text,
+      "DEFAULT": default.text,
+      "features": [f.__dict__ for f in job.features],
+      "n_tokens": job.max_new_tokens,
+    }
+
+  return app

@@ -1,0 +1,256 @@
+"""The steering engine: many requests' rows in one fused generation.
+
+`Engine.rows` turns a checked `Job` into batch rows (a Neuronpedia steer job
+gives two: steered and default); `Engine.run` generates a list of rows with
+the same sampling settings in ONE `gs.generate` call. Per-row steering is a
+``{batch, embedding}`` steering vector at every (site, layer) some row steers
+(rows that don't steer there add zeros, which changes nothing), so the rows
+of different requests never see each other's edits. Every SAE's point is
+steered in every batch (zeros where no row asks for it), so steered and
+unsteered batches share one structure.
+
+Shapes are bucketed so that a stream of requests reuses few compilations:
+the batch is padded to a power of two (with unsteered copies of row 0), the
+prompt width to a multiple of 16 (left padding), and the number of new
+tokens to a power of two, at least 8 (each row keeps its own first
+``max_new_tokens``; generation is causal, so a longer run starts with the
+same tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemma_surgery import errors
+from gemma_surgery.generation.api import GenerationResult, generate
+from gemma_surgery.host import to_numpy
+from gemma_surgery.parallel import distributed
+from gemma_surgery.sae import AutoEncoder
+from gemma_surgery.sae.splice import check_fits
+from gemma_surgery.serve import relay
+from gemma_surgery.serve.protocol import Job, Limits, RequestError
+from gemma_surgery.surgery import steer
+
+__all__ = ["Engine", "Output", "Row", "source_name"]
+
+_WIDTH_STEP = 16
+_MIN_NEW = 8
+
+
+def source_name(sae: AutoEncoder) -> str:
+  """The name requests use for an SAE: Neuronpedia's source id when known
+  (``20-gemmascope-res-16k``), else ``LAYER-FAMILY`` (``2-res``)."""
+  if sae.info.neuronpedia:
+    return sae.info.neuronpedia.split("/", 1)[-1]
+  return f"{sae.info.layer}-{sae.info.family}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One batch row: prompt ids, steering vectors by (site, layer), controls."""
+
+  ids: tuple[int, ...]
+  max_new_tokens: int
+  vectors: tuple[tuple[tuple[str, int], np.ndarray], ...] = ()
+  sampling: tuple = (0.0, None, 0)  # temperature, top_p, seed
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """A row's result: new tokens (EOS excluded), text and why it stopped."""
+
+  tokens: list[int]
+  text: str
+  finish_reason: str
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+class Engine:
+  """A model, its tokenizer and the SAEs requests may steer with.
+
+  Args:
+    model: A Penzai Gemma LM.
+    tokenizer: Its tokenizer (encodes prompts with BOS).
+    saes: SAEs whose decoder rows are steering directions (resid/MLP SAEs
+      and transcoders: they write ``{embedding}`` sites).
+    eos_id: End-of-sequence id (None: never stop early).
+    limits: Prompt and generation bounds.
+    max_batch: Most rows in one generation.
+    mesh: Device mesh of the model (several processes: every process builds
+      the same `Engine`; process 0 serves, the others `follow`).
+
+  Raises:
+    SAEError: An SAE that doesn't fit the model or writes ``attn.z``.
+  """
+
+  def __init__(
+    self,
+    model: Any,
+    tokenizer: Any,
+    saes: Sequence[AutoEncoder] = (),
+    *,
+    eos_id: int | None,
+    limits: Limits = Limits(),  # noqa: B008 - frozen dataclass
+    max_batch: int = 32,
+    mesh: Any = None,
+  ):
+    self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
+    self.mesh, self._stopped = mesh, False
+    self.limits, self.max_batch = limits, max_batch
+    self._saes: dict[str, tuple[tuple[str, int], np.ndarray]] = {}
+    for sae in saes:
+      check_fits(model, sae)
+      if sae.info.site == "attn.z":
+        raise errors.SAEError(
+          f"{sae.info.source}: attn.z SAEs can't steer through the server"
+          " (their decoder writes heads x projection); use a resid/MLP SAE."
+        )
+      point = (sae.info.out_site or sae.info.site, sae.info.layer)
+      rows = to_numpy(sae.w_dec.value.unwrap("latents", "embedding"), np.float32)
+      self._saes[source_name(sae)] = (point, np.asarray(rows, np.float32))
+    self.dim = model.metadata.embedding_dim
+
+  @property
+  def sources(self) -> dict[str, int]:
+    """SAE name -> number of latents, for request checks."""
+    return {name: rows.shape[0] for name, (_, rows) in self._saes.items()}
+
+  def vectors(self, job: Job) -> tuple[tuple[tuple[str, int], np.ndarray], ...]:
+    """The job's summed feature directions by (site, layer)."""
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for feature in job.features:
+      point, rows = self._saes[feature.source]
+      vector = out.setdefault(point, np.zeros(self.dim, np.float32))
+      vector += np.float32(feature.strength) * rows[feature.index]
+    return tuple(sorted(out.items(), key=lambda kv: kv[0]))
+
+  def rows(self, job: Job) -> list[Row]:
+    """The batch rows of a job (tokenized and checked against the limits).
+
+    Raises:
+      RequestError: The prompt is longer than ``limits.max_prompt_tokens``.
+    """
+    ids = tuple(int(i) for i in self.tokenizer.encode(job.prompt))
+    if len(ids) > self.limits.max_prompt_tokens:
+      raise RequestError(
+        f"The prompt has {len(ids)} tokens; this server accepts at most"
+        f" {self.limits.max_prompt_tokens}.",
+        param="prompt",
+      )
+    sampling = (job.temperature, job.top_p, job.seed)
+    steered = Row(ids, job.max_new_tokens, self.vectors(job), sampling)
+    if job.kind == "steer":
+      return [steered, Row(ids, job.max_new_tokens, (), sampling)]
+    return [steered]
+
+  def run(self, rows: Sequence[Row]) -> list[Output]:
+    """Generates every row in one fused call (rows share their sampling).
+
+    On several processes (process 0 serving), the batch is first announced
+    to the other processes (see `gemma_surgery.serve.relay`), which run the
+    same generation.
+
+    Raises:
+      ValueError: No rows, more than ``max_batch`` rows, or mixed sampling.
+    """
+    plan = self.plan(rows)
+    if jax.process_count() > 1:
+      plan = relay.announce(plan)
+    out = self.execute(plan)
+    results = []
+    for i, r in enumerate(rows):
+      tokens = [int(t) for t in out.tokens[i, : min(out.lengths[i], r.max_new_tokens)]]
+      stopped = self.eos_id is not None and self.eos_id in tokens
+      if stopped:
+        tokens = tokens[: tokens.index(self.eos_id)]
+      text = self.tokenizer.decode(tokens) if tokens else ""
+      results.append(Output(tokens, text, "stop" if stopped else "length"))
+    return results
+
+  @property
+  def points(self) -> list[tuple[str, int]]:
+    """Every SAE's (site, layer): all are steered in every batch (zeros where
+    no row asks), so steered and unsteered batches share one structure."""
+    return sorted({point for point, _ in self._saes.values()})
+
+  def plan(self, rows: Sequence[Row]) -> relay.Plan:
+    """The padded arrays of one generation (see the module doc)."""
+    if not rows or len(rows) > self.max_batch:
+      raise ValueError(f"run takes 1..{self.max_batch} rows, got {len(rows)}.")
+    if len({r.sampling for r in rows}) != 1:
+      raise ValueError("Rows of one run share their sampling settings.")
+    batch = min(_pow2(len(rows)), self.max_batch)
+    width = -(-max(len(r.ids) for r in rows) // _WIDTH_STEP) * _WIDTH_STEP
+    new = max(_MIN_NEW, _pow2(max(r.max_new_tokens for r in rows)))
+    new = min(new, self.limits.max_new_tokens)
+    new = max(new, max(r.max_new_tokens for r in rows))
+    ids = np.zeros((batch, width), np.int32)  # 0 = left padding
+    for i in range(batch):
+      row = rows[i] if i < len(rows) else rows[0]
+      ids[i, width - len(row.ids) :] = row.ids
+    points = self.points
+    vectors = np.zeros((len(points), batch, self.dim), np.float32)
+    for i, r in enumerate(rows):
+      for point, v in r.vectors:
+        vectors[points.index(point), i] = v
+    return relay.Plan(ids, vectors, new, *rows[0].sampling)
+
+  def execute(self, plan: relay.Plan) -> GenerationResult:
+    """Runs one planned generation (on every process of a multi-process run)."""
+    model = self.model
+    for (site, layer), vectors in zip(self.points, plan.vectors, strict=True):
+      named = pz.nx.wrap(jnp.asarray(vectors)).tag("batch", "embedding")
+      model = steer(model, site, layer, named, 1.0)
+    return generate(
+      model,
+      plan.ids,
+      max_new_tokens=plan.new,
+      temperature=plan.temperature,
+      top_p=plan.top_p,
+      seed=plan.seed,
+      eos_id=self.eos_id,
+      pad_id=0,
+      mesh=self.mesh,
+    )
+
+  def follow(self) -> None:
+    """On processes other than 0: run every generation process 0 announces,
+    until it announces the end (`stop_followers`); then leave the run."""
+    while (plan := relay.receive(len(self.points), self.dim)) is not None:
+      self.execute(plan)
+    distributed.shutdown()
+
+  def stop_followers(self) -> None:
+    """On process 0 of a multi-process run: ends the other processes' `follow`
+    and leaves the run with them (once; call it when no generation runs any
+    more). The process may then exit however it likes (uvicorn re-raises
+    the SIGTERM it handled) without the others seeing a dead peer."""
+    if jax.process_count() > 1 and not self._stopped:
+      self._stopped = True
+      relay.stop()
+      distributed.shutdown()
+
+  def pieces(self, tokens: Sequence[int]) -> list[str]:
+    """Text pieces whose concatenation is the decoded text (for streaming)."""
+    pieces, previous = [], ""
+    for k in range(1, len(tokens) + 1):
+      text = self.tokenizer.decode(list(tokens[:k]))
+      if text.startswith(previous) and len(text) > len(previous):
+        pieces.append(text[len(previous) :])
+        previous = text
+    full = self.tokenizer.decode(list(tokens)) if tokens else ""
+    if full != previous:  # a piece that changed earlier text: send the rest
+      pieces = (
+        [full] if not full.startswith(previous) else [*pieces, full[len(previous) :]]
+      )
+    return pieces
