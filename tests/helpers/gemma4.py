@@ -61,8 +61,10 @@ DENSE_MQA = dict(
   hidden_size_per_layer_input=8,
   vocab_size_per_layer_input=VOCAB,
   sliding_window=5,
-  layer_types=["sliding_attention"] * 3 + ["full_attention"]
-  + ["sliding_attention"] * 3 + ["full_attention"],
+  layer_types=["sliding_attention"] * 3
+  + ["full_attention"]
+  + ["sliding_attention"] * 3
+  + ["full_attention"],
   final_logit_softcapping=30.0,
   use_double_wide_mlp=True,
 )
