@@ -89,6 +89,35 @@ class SharedKVAttention(pz.nn.Layer):
 
 
 @pz.pytree_dataclass
+class SharedKVCachingAttention(pz.nn.Layer):
+  """`SharedKVAttention` in KV-caching mode: reads its producer's cache.
+
+  Holds the *same* ``pz.StateVariable`` as the producer layer's
+  ``pz.nn.KVCachingAttention``, so a KV-shared layer allocates no cache of its
+  own; the producer (an earlier layer) has already written this step's keys
+  and values when this layer runs. Built by
+  `gemma_surgery.model.caching.kv_caching_lm`.
+
+  Attributes:
+    input_to_query: As in `SharedKVAttention`.
+    query_key_to_attn: Masks use ``kv_token_positions`` (cached mode).
+    attn_value_to_output: As in `SharedKVAttention`.
+    kv_cache: The producer's ``(keys, values)`` cache variable.
+  """
+
+  input_to_query: pz.nn.Layer
+  query_key_to_attn: pz.nn.Layer
+  attn_value_to_output: pz.nn.Layer
+  kv_cache: pz.StateVariable
+
+  def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+    key, value = self.kv_cache.value
+    query = self.input_to_query(x, **side_inputs)
+    attn = self.query_key_to_attn((query, key), **side_inputs)
+    return self.attn_value_to_output((attn, value), **side_inputs)
+
+
+@pz.pytree_dataclass
 class LayerScalar(pz.nn.Layer):
   """Multiplies by a learned scalar (HF ``layer_scalar``, Flax ``skip_scale``).
 
