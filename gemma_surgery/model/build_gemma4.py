@@ -33,7 +33,7 @@ def block_extras(
             pz.nn.Elementwise(primitives.gelu_tanh),
           ]
         ),
-        source=gemma4.PerLayerInputSource(layer=layer),
+        source=pz.nn.Sequential([gemma4.PerLayerInputSource(layer=layer)]),
         projection=primitives.linear(
           f"{name}/per_layer_input/projection", rng, p, d, config
         ),

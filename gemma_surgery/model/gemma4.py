@@ -164,7 +164,8 @@ class PerLayerInput(pz.nn.Layer):
 
   Attributes:
     gate: ``{embedding}`` -> ``{per_layer}``, through ``activation``.
-    source: `PerLayerInputSource` giving ``{per_layer}``.
+    source: A Sequential holding a `PerLayerInputSource`, giving
+      ``{per_layer}`` (the site ``per_layer.input`` anchors at its last item).
     projection: ``{per_layer}`` -> ``{embedding}``.
     norm: RMSNorm over ``embedding``.
   """

@@ -16,9 +16,9 @@ Experts are computed densely over the ``experts`` axis (one batched GeGLU per
 expert, ``{..., experts, neurons}``) and combined with the dense
 ``{..., experts}`` weights: exact, simple, and split across devices when the
 ``experts`` axis is sharded. Sites (`gemma_surgery.surgery.sites`) anchor after
-`MixtureOfExperts.router` (``moe.router_logits``), ``.routing``
-(``moe.weights``) and ``.experts`` (``moe.expert_out``, ``{experts,
-embedding}``).
+the last item of `MixtureOfExperts.router` (``moe.router_logits``),
+``.routing`` (``moe.weights``) and ``.experts`` (``moe.expert_out``,
+``{experts, embedding}``).
 """
 
 from __future__ import annotations
@@ -83,10 +83,12 @@ class MixtureOfExperts(pz.nn.Layer):
   """``x`` -> ``post_norm(sum_e routing(router(x))_e * experts(x)_e)``.
 
   Attributes:
-    router: ``{..., embedding}`` -> logits ``{..., experts}``.
-    routing: Logits -> dense weights ``{..., experts}`` (`TopKRouting`).
-    experts: ``{..., embedding}`` -> ``{..., experts, embedding}`` (pre-norm,
-      then `ExpertGeGLU`).
+    router: ``{..., embedding}`` -> logits ``{..., experts}`` (a Sequential:
+      scale-free RMSNorm with the router's scale, ``1/sqrt(D)``, projection).
+    routing: Logits -> dense weights ``{..., experts}`` (a Sequential holding
+      a `TopKRouting`).
+    experts: ``{..., embedding}`` -> ``{..., experts, embedding}`` (a
+      Sequential: pre-norm, then `ExpertGeGLU`).
     post_norm: RMSNorm of the combined output.
   """
 
@@ -153,13 +155,17 @@ def build_moe(
       linear("router", d, e),
     ]
   )
-  routing = TopKRouting(
-    per_expert_scale=pz.nn.make_parameter(
-      f"{name}/per_expert_scale.weights",
-      rng,
-      lambda _key: pz.nx.ones(e, dtype=dtype),
-    ),
-    top_k=top_k,
+  routing = pz.nn.Sequential(
+    [
+      TopKRouting(
+        per_expert_scale=pz.nn.make_parameter(
+          f"{name}/per_expert_scale.weights",
+          rng,
+          lambda _key: pz.nx.ones(e, dtype=dtype),
+        ),
+        top_k=top_k,
+      )
+    ]
   )
   experts = pz.nn.Sequential(
     [

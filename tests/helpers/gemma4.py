@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
+
+import gemma_surgery as gs
 
 VOCAB = 128
 
@@ -112,11 +113,6 @@ def torch_greedy(model, prompt: np.ndarray, new: int) -> np.ndarray:
   return out[:, prompt.shape[1] :].numpy()
 
 
-@jax.jit
-def _forward(model, ids):
-  return model(pz.nx.wrap(ids).tag("batch", "seq")).unwrap("batch", "seq", "vocabulary")
-
-
 def logits(model, tokens: np.ndarray) -> np.ndarray:
   """``model``'s logits ``[batch, seq, vocab]`` (eager: no compile per model)."""
   named = pz.nx.wrap(jnp.asarray(tokens, jnp.int32)).tag("batch", "seq")
@@ -135,11 +131,12 @@ def greedy_uncached(model, prompt: np.ndarray, new: int) -> np.ndarray:
   The sequence lives in a buffer of its final length; causal attention makes
   the not-yet-generated tail irrelevant to the position read.
   """
-  frozen = pz.freeze_params(model)
+  forward = gs.jit_forward(model)  # also handles captures' state
   batch, start = prompt.shape
   ids = np.zeros((batch, start + new), np.int32)
   ids[:, :start] = prompt
   for t in range(start, start + new):
-    out = _forward(frozen, jnp.asarray(ids))
+    out = forward(pz.nx.wrap(jnp.asarray(ids)).tag("batch", "seq"))
+    out = out.unwrap("batch", "seq", "vocabulary")
     ids[:, t] = np.asarray(jnp.argmax(out[:, t - 1], axis=-1))
   return ids[:, start:]
