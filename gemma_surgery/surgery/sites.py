@@ -198,10 +198,13 @@ SITES: dict[str, SiteInfo] = {
   ]
 }
 
-SITES.update(
-  (name, SiteInfo(name, True, axes, f"HF {module}", doc))
+# Sites only some Gemma 4 models have (kept out of `SITES`, the sites every
+# Gemma has, so code iterating over `SITES` works on any variant).
+GEMMA4_SITES: dict[str, SiteInfo] = {
+  name: SiteInfo(name, True, axes, f"HF {module}", doc)
   for name, axes, module, doc in sites_gemma4.ROWS
-)
+}
+_ALL_SITES = {**SITES, **GEMMA4_SITES}
 HEAD_SITES = heads.HEAD_SITES
 _ATTENTION_TYPES = (
   pz.nn.Attention,
@@ -213,9 +216,11 @@ _ATTENTION_TYPES = (
 
 def site_info(site: str) -> SiteInfo:
   """The `SiteInfo` of ``site``; raises `SiteError` for unknown names."""
-  if not isinstance(site, str) or site not in SITES:
-    raise errors.SiteError(f"Unknown site {site!r}; valid sites: {', '.join(SITES)}.")
-  return SITES[site]
+  if not isinstance(site, str) or site not in _ALL_SITES:
+    raise errors.SiteError(
+      f"Unknown site {site!r}; valid sites: {', '.join(_ALL_SITES)}."
+    )
+  return _ALL_SITES[site]
 
 
 def _body_owner(model: Any) -> Any:
@@ -400,7 +405,7 @@ def select(
 
   Args:
     model: A Penzai transformer LM (uncached or KV-caching), possibly patched.
-    site: A site name (see `SITES`).
+    site: A site name (see `SITES` and, on Gemma 4, `GEMMA4_SITES`).
     layers: Layer index, list of indices, or None for all layers. Must be None
       for global sites.
 
@@ -490,5 +495,5 @@ def insert(
 def sites_table() -> Sequence[tuple[str, str, str, str]]:
   """Rows ``(site, axes, TransformerLens hook, meaning)`` for docs."""
   return [
-    (s.name, ", ".join(s.axes), s.transformer_lens, s.doc) for s in SITES.values()
+    (s.name, ", ".join(s.axes), s.transformer_lens, s.doc) for s in _ALL_SITES.values()
   ]

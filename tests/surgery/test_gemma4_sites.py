@@ -42,7 +42,7 @@ def _named(tokens):
 def test_every_site_resolves_on_gemma4(pair):
   _, model, tokens = pair
   shared = [i for i in range(6) if model.config.is_kv_shared(i)]
-  for site, info in sites.SITES.items():
+  for site, info in {**sites.SITES, **sites.GEMMA4_SITES}.items():
     if not info.per_layer:
       assert sites.select(model, site).count() == 1
       continue
