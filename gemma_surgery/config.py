@@ -1,4 +1,4 @@
-"""`GemmaConfig`: every architecture knob of a Gemma 1, 2 or 3 text model.
+"""`GemmaConfig`: every architecture knob of a Gemma 1, 2, 3 or 4 text model.
 
 One frozen dataclass describes the whole architecture, layer by layer. It is
 built from a named preset (the published hyperparameters), from a Hugging Face
@@ -13,7 +13,11 @@ Conventions:
   * Query heads are ordered ``head = kv_group * (num_heads // num_kv_heads) + q``
     as in Hugging Face and the Flax checkpoints.
   * Attention logits are ``q . k * query_pre_attn_scalar ** -0.5``.
-  * RMSNorm weights are stored as ``w`` and applied as ``x * (1 + w)``.
+  * RMSNorm weights are stored as ``w`` and applied as ``x * (1 + w)`` on
+    Gemma 1-3 and as ``x * w`` on Gemma 4 (`norm_offset`).
+  * Gemma 4 layers differ from one another: `layer_head_dim`,
+    `layer_kv_heads`, `layer_mlp_dim`, `kv_source` and friends give a layer's
+    own values (see `gemma_surgery.config_gemma4` for its presets).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from gemma_surgery import errors
+from gemma_surgery import config_gemma4, errors
 
 AttentionKind = Literal["local", "global"]
-Family = Literal["gemma1", "gemma2", "gemma3"]
+Family = Literal["gemma1", "gemma2", "gemma3", "gemma4"]
+_FAMILIES = ("gemma1", "gemma2", "gemma3", "gemma4")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -33,7 +38,7 @@ class GemmaConfig:
   """Architecture of a Gemma text model.
 
   Attributes:
-    family: ``"gemma1"``, ``"gemma2"`` or ``"gemma3"``.
+    family: ``"gemma1"``, ``"gemma2"``, ``"gemma3"`` or ``"gemma4"``.
     num_layers: Number of transformer blocks.
     embedding_dim: Residual stream width ``d_model`` (axis ``embedding``).
     num_heads: Number of query heads.
@@ -61,6 +66,27 @@ class GemmaConfig:
     bos_id: Token id of beginning-of-sequence.
     eos_id: Token id of end-of-sequence.
     pad_id: Token id of padding.
+    global_head_dim: Gemma 4: head width of global layers (None: `head_dim`).
+    num_global_kv_heads: Gemma 4: kv heads of global layers (None:
+      `num_kv_heads`).
+    k_eq_v_global: Gemma 4: global layers use the key projection as values
+      (values = RMS-standardized keys before key norm and RoPE).
+    rope_global_proportion: Fraction of each head's dimensions rotated by
+      RoPE on global layers (Hugging Face ``proportional`` RoPE with
+      ``partial_rotary_factor``); the rest carry no position.
+    rope_local_proportion: The same on local layers.
+    num_kv_shared_layers: Gemma 4: the last this many layers compute no
+      keys/values and reuse those of the last earlier layer of their
+      attention kind (`kv_source`).
+    per_layer_input_dim: Gemma 4 E models: width of the per-layer embeddings
+      (0 = none).
+    per_layer_vocab_size: Vocabulary of the per-layer embedding table (None:
+      `vocab_size`).
+    double_wide_shared_mlp: Gemma 4 E2B: KV-shared layers have an MLP twice
+      as wide (Hugging Face ``use_double_wide_mlp``).
+    num_experts: Gemma 4 mixture of experts: experts per layer (0 = dense).
+    top_k_experts: Experts each token is routed to.
+    expert_hidden_dim: GeGLU width of one expert.
   """
 
   family: Family
@@ -90,6 +116,18 @@ class GemmaConfig:
   bos_id: int = 2
   eos_id: int = 1
   pad_id: int = 0
+  global_head_dim: int | None = None
+  num_global_kv_heads: int | None = None
+  k_eq_v_global: bool = False
+  rope_global_proportion: float = 1.0
+  rope_local_proportion: float = 1.0
+  num_kv_shared_layers: int = 0
+  per_layer_input_dim: int = 0
+  per_layer_vocab_size: int | None = None
+  double_wide_shared_mlp: bool = False
+  num_experts: int = 0
+  top_k_experts: int = 0
+  expert_hidden_dim: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "attention_types", tuple(self.attention_types))
@@ -103,8 +141,8 @@ class GemmaConfig:
     def fail(msg: str):
       raise errors.ConfigError(f"Invalid GemmaConfig: {msg}")
 
-    if self.family not in ("gemma1", "gemma2", "gemma3"):
-      fail(f"family={self.family!r}; valid: 'gemma1', 'gemma2', 'gemma3'")
+    if self.family not in _FAMILIES:
+      fail(f"family={self.family!r}; valid: {', '.join(map(repr, _FAMILIES))}")
     for name in (
       "num_layers",
       "embedding_dim",
@@ -142,6 +180,7 @@ class GemmaConfig:
         fail(f"{dtype_name}={value!r}; valid: {', '.join(_DTYPES)}")
     if self.query_pre_attn_scalar <= 0:
       fail(f"query_pre_attn_scalar={self.query_pre_attn_scalar} <= 0")
+    config_gemma4.validate(self, fail)
 
   # -- derived quantities ---------------------------------------------------
 
@@ -166,6 +205,56 @@ class GemmaConfig:
   def rope_scale(self, layer: int) -> float:
     return self.rope_local_scale if self.is_local(layer) else self.rope_global_scale
 
+  # -- per-layer quantities (Gemma 4 layers differ) --------------------------
+
+  @property
+  def norm_offset(self) -> float:
+    """RMSNorm scales by ``offset + w``: 1 on Gemma 1-3, 0 on Gemma 4."""
+    return 0.0 if self.family == "gemma4" else 1.0
+
+  @property
+  def uses_moe(self) -> bool:
+    return self.num_experts > 0
+
+  def layer_head_dim(self, layer: int) -> int:
+    if self.global_head_dim is not None and not self.is_local(layer):
+      return self.global_head_dim
+    return self.head_dim
+
+  def layer_kv_heads(self, layer: int) -> int:
+    if self.num_global_kv_heads is not None and not self.is_local(layer):
+      return self.num_global_kv_heads
+    return self.num_kv_heads
+
+  def is_k_eq_v(self, layer: int) -> bool:
+    return self.k_eq_v_global and not self.is_local(layer)
+
+  def rope_proportion(self, layer: int) -> float:
+    if self.is_local(layer):
+      return self.rope_local_proportion
+    return self.rope_global_proportion
+
+  def kv_source(self, layer: int) -> int:
+    """The layer whose keys/values ``layer`` attends over (itself if unshared)."""
+    first = self.num_layers - self.num_kv_shared_layers
+    if layer < first:
+      return layer
+    kind = self.attention_types[layer]
+    return max(i for i in range(first) if self.attention_types[i] == kind)
+
+  def is_kv_shared(self, layer: int) -> bool:
+    return self.kv_source(layer) != layer
+
+  def kv_consumers(self, layer: int) -> tuple[int, ...]:
+    """The later layers that reuse ``layer``'s keys/values."""
+    return tuple(
+      i for i in range(self.num_layers) if i != layer and self.kv_source(i) == layer
+    )
+
+  def layer_mlp_dim(self, layer: int) -> int:
+    wide = self.double_wide_shared_mlp and self.is_kv_shared(layer)
+    return self.mlp_hidden_dim * (2 if wide else 1)
+
   def replace(self, **changes: Any) -> GemmaConfig:
     """Returns a copy with some fields changed (and re-validated)."""
     return dataclasses.replace(self, **changes)
@@ -186,14 +275,11 @@ class GemmaConfig:
     return cls(**data)
 
   def num_parameters(self) -> int:
-    """Number of scalar parameters (tied embeddings counted once)."""
-    d, f, h = self.embedding_dim, self.mlp_hidden_dim, self.head_dim
-    attn = (2 * self.num_heads + 2 * self.num_kv_heads) * d * h
-    norms = d * (2 + self.use_post_attn_norm + self.use_post_ffw_norm)
-    norms += 2 * h * self.use_qk_norm
-    per_layer = attn + 3 * d * f + norms
-    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return self.num_layers * per_layer + embed + d
+    """Number of scalar parameters (tied embeddings counted once).
+
+    Gemma 4 KV-shared layers hold no key/value weights, as in Hugging Face.
+    """
+    return config_gemma4.num_parameters(self)
 
 
 def alternating_pattern(num_layers: int, period: int) -> tuple[AttentionKind, ...]:
@@ -276,6 +362,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+_PRESETS.update(config_gemma4.PRESETS)
+
+
 def preset_names() -> tuple[str, ...]:
   """Names accepted by `preset`."""
   return tuple(_PRESETS)
@@ -286,11 +375,11 @@ def normalize_variant_name(name: str) -> str:
   key = name.strip().lower().replace("-", "_").replace(".", "_")
   for suffix in ("_it", "_pt"):
     key = key.removesuffix(suffix)
-  for family in ("gemma_2_", "gemma_3_"):
+  for family in ("gemma_2_", "gemma_3_", "gemma_4_"):
     if key.startswith(family):
       key = "gemma" + family[6] + "_" + key[len(family) :]
-  if key.startswith(("gemma2", "gemma3")) and not key.startswith(
-    ("gemma2_", "gemma3_")
+  if key.startswith(("gemma2", "gemma3", "gemma4")) and not key.startswith(
+    ("gemma2_", "gemma3_", "gemma4_")
   ):
     key = key[:6] + "_" + key[6:]
   return key

@@ -1,4 +1,4 @@
-"""Per-device memory of Gemma 2 27B and Gemma 3 27B in bfloat16 on 8 and 16 devices.
+"""Per-device memory of Gemma 2 27B, Gemma 3 27B, Gemma 4 26B-A4B and 31B (bf16).
 
 Computed from our `GemmaConfig` presets and the axis-name sharding rules
 (`gemma_surgery.parallel.memory.plan`, checked against measured placements in
@@ -17,7 +17,7 @@ import argparse
 from gemma_surgery import config
 from gemma_surgery.parallel import memory
 
-MODELS = ("gemma2_27b", "gemma3_27b")
+MODELS = ("gemma2_27b", "gemma3_27b", "gemma4_26b_a4b", "gemma4_31b")
 MESHES = (
   {"data": 1, "model": 8},
   {"data": 1, "model": 16},
@@ -57,10 +57,19 @@ def table(batch: int, cache_len: int) -> str:
     totals.append(
       f"{name}: {cfg.num_parameters() / 1e9:.1f} B parameters ="
       f" {p.total_parameters / GIB:.1f} GiB, KV cache {p.total_kv_cache / GIB:.1f}"
-      f" GiB ({cfg.num_layers} layers × {cfg.num_kv_heads} kv heads ×"
-      f" {cfg.head_dim})"
+      f" GiB ({_cache_layout(cfg)})"
     )
   return "\n".join([*rows, "", "Whole model, one copy: " + "; ".join(totals) + "."])
+
+
+def _cache_layout(cfg) -> str:
+  """The cached layers' kv heads × head width, grouped."""
+  kinds: dict[tuple[int, int], int] = {}
+  for i in range(cfg.num_layers):
+    if not cfg.is_kv_shared(i):
+      key = (cfg.layer_kv_heads(i), cfg.layer_head_dim(i))
+      kinds[key] = kinds.get(key, 0) + 1
+  return " + ".join(f"{n} layers × {k} kv heads × {h}" for (k, h), n in kinds.items())
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from penzai import pz
-from penzai.models.transformer import sampling_mode
 
 from gemma_surgery.generation import state
 from gemma_surgery.generation.inputs import PAD_MARK
+from gemma_surgery.model import caching
 from gemma_surgery.parallel import sharding
 from gemma_surgery.surgery.layers import base
 from gemma_surgery.surgery.layers.capture import CaptureLayer, SaveIntermediate
@@ -122,7 +122,7 @@ class Prepared:
     self.model_ref = weakref.ref(model)
     self.batch, self.cache_len, self.mesh = batch, cache_len, mesh
     self.rules = None if rules is None else tuple(rules)
-    cached = sampling_mode.KVCachingTransformerLM.from_uncached(
+    cached = caching.kv_caching_lm(
       model,
       cache_len=cache_len,
       batch_axes={"batch": batch},

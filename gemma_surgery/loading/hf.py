@@ -22,6 +22,10 @@ names of `gemma_surgery.loading.params`::
                                                            (pre_ffw_norm on Gemma 1)
   model.layers.i.pre_feedforward_layernorm   [D]        -> pre_ffw_norm
   model.layers.i.post_feedforward_layernorm  [D]        -> post_ffw_norm
+
+Gemma 4's additions (per-layer embeddings, layer scalars, experts) are mapped
+by `gemma_surgery.loading.hf_gemma4`; its layers' head widths differ, so the
+q/k/v/o layouts use each layer's own ``head_dim``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from tqdm.auto import tqdm
 
 from gemma_surgery import errors
 from gemma_surgery.config import GemmaConfig
+from gemma_surgery.loading import hf_gemma4
 from gemma_surgery.loading.placement import Index, LazyArray
 
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -51,6 +56,8 @@ def _canonical_name(hf_name: str, family: str) -> str | None:
       break
   else:
     return None
+  if family == "gemma4" and (g4 := hf_gemma4.canonical_name(name)) is not None:
+    return g4
   if name == "embed_tokens.weight":
     return "embedder"
   if name == "norm.weight":
@@ -85,9 +92,24 @@ def _canonical_name(hf_name: str, family: str) -> str | None:
   return None if target is None else f"layer_{layer}/{target}"
 
 
+def _head_dim(name: str, config: GemmaConfig) -> int:
+  """The head width of the layer a canonical name belongs to."""
+  layer = hf_gemma4.layer_of(name)
+  if layer is None or not 0 <= layer < config.num_layers:
+    return config.head_dim
+  return config.layer_head_dim(layer)
+
+
+def _convert(name: str, arr: np.ndarray, config: GemmaConfig) -> dict[str, np.ndarray]:
+  """Canonical array(s) of one HF tensor."""
+  if config.family == "gemma4" and hf_gemma4.canonical_name_is_new(name):
+    return hf_gemma4.convert(name, arr, config)
+  return {name: _to_canonical_layout(name, arr, config)}
+
+
 def _to_canonical_layout(name: str, arr: np.ndarray, config: GemmaConfig) -> np.ndarray:
   """Reorders an HF (out, in) matrix into the canonical layout."""
-  h, d = config.head_dim, config.embedding_dim
+  h, d = _head_dim(name, config), config.embedding_dim
   leaf = name.split("/", 1)[-1]
   if leaf in ("attn/q", "attn/k", "attn/v"):
     if arr.ndim != 2 or arr.shape[0] % h or arr.shape[1] != d:
@@ -161,7 +183,9 @@ def read_hf_params(
           name = _canonical_name(hf_name, config.family)
           if name is None or (keep is not None and not keep(name)):
             continue
-          params[name] = _to_canonical_layout(name, f.get_tensor(hf_name), config)
+          if config.family == "gemma4" and hf_gemma4.ignored(name, config):
+            continue
+          params.update(_convert(name, f.get_tensor(hf_name), config))
           bar.update()
     except safetensors.SafetensorError as e:
       raise errors.CheckpointError(
@@ -182,7 +206,7 @@ _DTYPES = {
 
 def _layout(name: str, shape: tuple[int, ...], config: GemmaConfig) -> str:
   """How a tensor maps to its canonical layout (see `_to_canonical_layout`)."""
-  h, d = config.head_dim, config.embedding_dim
+  h, d = _head_dim(name, config), config.embedding_dim
   leaf = name.split("/", 1)[-1]
   if leaf in ("attn/q", "attn/k", "attn/v"):
     ok = len(shape) == 2 and shape[0] % h == 0 and shape[1] == d
@@ -207,7 +231,7 @@ def _lazy(name: str, tensor, path: pathlib.Path, config: GemmaConfig) -> LazyArr
       f"{path}: tensor for {name!r} has dtype {stored}; expected one of"
       f" {sorted(_DTYPES)}."
     )
-  layout, h = _layout(name, shape, config), config.head_dim
+  layout, h = _layout(name, shape, config), _head_dim(name, config)
 
   def get(index: tuple) -> np.ndarray:
     try:
@@ -249,6 +273,16 @@ def _lazy(name: str, tensor, path: pathlib.Path, config: GemmaConfig) -> LazyArr
   return LazyArray(shape=canonical, dtype=np.dtype(_DTYPES[stored]), read=read)
 
 
+def _whole(name: str, arr: np.ndarray, config: GemmaConfig) -> dict[str, LazyArray]:
+  """Gemma 4-only tensors, converted whole and sliced in memory."""
+  out = {}
+  for canonical, value in hf_gemma4.convert(name, arr, config).items():
+    out[canonical] = LazyArray(
+      shape=value.shape, dtype=value.dtype, read=lambda index, v=value: v[index]
+    )
+  return out
+
+
 @contextlib.contextmanager
 def open_hf_params(
   directory: str | pathlib.Path,
@@ -281,6 +315,11 @@ def open_hf_params(
         for hf_name in f.keys():
           name = _canonical_name(hf_name, config.family)
           if name is None or (keep is not None and not keep(name)):
+            continue
+          if config.family == "gemma4" and hf_gemma4.ignored(name, config):
+            continue
+          if config.family == "gemma4" and hf_gemma4.canonical_name_is_new(name):
+            params.update(_whole(name, f.get_tensor(hf_name), config))
             continue
           params[name] = _lazy(name, f.get_slice(hf_name), path, config)
       except safetensors.SafetensorError as e:

@@ -9,8 +9,16 @@ Two schemas are in circulation and both are read:
   ``"full_attention"``) and ``rope_parameters``, flat for Gemma 1/2 or keyed
   by layer type for Gemma 3.
 
-Multimodal Gemma 3 configs (``model_type == "gemma3"``) carry the text model
-under ``text_config``; fields they omit take transformers' defaults.
+Multimodal Gemma 3 and Gemma 4 configs (``model_type`` ``"gemma3"`` /
+``"gemma4"``) carry the text model under ``text_config``; fields they omit
+take transformers' defaults.
+
+Gemma 4 (``gemma4_text``): the global layers' head width and kv heads come
+from ``per_layer_config`` (what transformers 5 writes: layer index ->
+overrides) or else from ``global_head_dim`` (default 512) and, when
+``attention_k_eq_v``, ``num_global_key_value_heads`` (the published configs);
+``rope_parameters`` per layer type may be ``proportional`` with a
+``partial_rotary_factor``; queries are not scaled.
 """
 
 from __future__ import annotations
@@ -61,8 +69,26 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     query_pre_attn_scalar=256,
     sliding_window=4096,
   ),
+  "gemma4_text": dict(
+    vocab_size=262_144,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=30,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    sliding_window=512,
+    vocab_size_per_layer_input=262_144,
+    hidden_size_per_layer_input=256,
+  ),
 }
-_FAMILY = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+_FAMILY = {
+  "gemma": "gemma1",
+  "gemma2": "gemma2",
+  "gemma3_text": "gemma3",
+  "gemma4_text": "gemma4",
+}
+_MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 _LAYER_KIND = {"sliding_attention": "local", "full_attention": "global"}
 
 
@@ -84,14 +110,14 @@ def read_config_json(path: str | pathlib.Path) -> dict[str, Any]:
 
 def text_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
   """The text-model part of a (possibly multimodal) config, defaults filled."""
-  if raw.get("model_type") == "gemma3" and "text_config" in raw:
-    raw = {"model_type": "gemma3_text", **raw["text_config"]}
+  if raw.get("model_type") in _MULTIMODAL and "text_config" in raw:
+    raw = {**raw["text_config"], "model_type": _MULTIMODAL[raw["model_type"]]}
   model_type = raw.get("model_type")
   if model_type not in _DEFAULTS:
     raise errors.ConfigError(
       f"config.json has model_type={model_type!r}; supported Gemma text"
-      f" models: {', '.join(sorted(_DEFAULTS))} (and 'gemma3' with a"
-      " text_config)."
+      f" models: {', '.join(sorted(_DEFAULTS))} (and 'gemma3' / 'gemma4'"
+      " with a text_config)."
     )
   return {**_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None}}
 
@@ -104,16 +130,32 @@ def _rope(cfg: dict[str, Any], family: str) -> dict[str, float]:
     kind = params.get("rope_type", params.get("type", "default"))
     base = float(params.get("rope_theta", default_base))
     if kind == "default":
-      return base, 1.0
+      return base, 1.0, 1.0
     if kind == "linear":
-      return base, float(params["factor"])
+      return base, float(params["factor"]), 1.0
+    if kind == "proportional" and family == "gemma4":
+      factor = float(params.get("factor", 1.0))
+      return base, factor, float(params.get("partial_rotary_factor", 1.0))
     raise errors.ConfigError(
-      f"Unsupported RoPE type {kind!r} in {where}; Gemma uses 'default' or 'linear'."
+      f"Unsupported RoPE type {kind!r} in {where}; Gemma uses 'default' or"
+      " 'linear' (and Gemma 4 'proportional')."
     )
 
   global_base = float(cfg.get("rope_theta", 10_000.0))
   local_base = float(cfg.get("rope_local_base_freq", global_base))
-  if family != "gemma3":
+  if family == "gemma4" and not cfg.get("rope_parameters"):
+    cfg = {
+      **cfg,
+      "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {
+          "rope_type": "proportional",
+          "partial_rotary_factor": 0.25,
+          "rope_theta": 1_000_000.0,
+        },
+      },
+    }
+  if family not in ("gemma3", "gemma4"):
     local_base = global_base
   rp = cfg.get("rope_parameters")
   if isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
@@ -123,13 +165,16 @@ def _rope(cfg: dict[str, Any], family: str) -> dict[str, float]:
     g = loc = parse(rp, global_base, "rope_parameters")
   else:
     g = parse(cfg.get("rope_scaling"), global_base, "rope_scaling")
-    loc = (local_base, 1.0) if family == "gemma3" else g
-  return dict(
+    loc = (local_base, 1.0, 1.0) if family == "gemma3" else g
+  out = dict(
     rope_global_base=g[0],
     rope_global_scale=g[1],
     rope_local_base=loc[0],
     rope_local_scale=loc[1],
   )
+  if family == "gemma4":
+    out.update(rope_global_proportion=g[2], rope_local_proportion=loc[2])
+  return out
 
 
 def _attention_types(cfg: dict[str, Any], family: str) -> tuple[str, ...]:
@@ -147,7 +192,10 @@ def _attention_types(cfg: dict[str, Any], family: str) -> tuple[str, ...]:
     return ("global",) * n
   if family == "gemma2":
     return alternating_pattern(n, 2)
-  return alternating_pattern(n, int(cfg.get("sliding_window_pattern", 6)))
+  kinds = alternating_pattern(n, int(cfg.get("sliding_window_pattern", 6)))
+  if family == "gemma4":  # transformers forces the last layer global
+    kinds = (*kinds[:-1], "global")
+  return kinds
 
 
 def config_from_hf(
@@ -173,7 +221,10 @@ def config_from_hf(
     # Gemma 1 configs say "gelu" but the models use the tanh approximation,
     # as transformers itself enforces.
     raise errors.ConfigError(f"Unsupported hidden activation {act!r}.")
-  if cfg.get("use_bidirectional_attention"):
+  bidirectional = cfg.get("use_bidirectional_attention")
+  if bidirectional and not (family == "gemma4" and bidirectional == "vision"):
+    # Gemma 4 26B/31B attend bidirectionally among image tokens only; text
+    # (all we read) is causal.
     raise errors.ConfigError("Bidirectional Gemma (embedding models) is unsupported.")
   if not cfg.get("tie_word_embeddings", True):
     raise errors.ConfigError(
@@ -196,8 +247,10 @@ def config_from_hf(
     sliding_window=cfg.get("sliding_window") if "local" in types else None,
     attn_logits_soft_cap=cfg.get("attn_logit_softcapping"),
     final_logit_softcap=cfg.get("final_logit_softcapping"),
-    query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", head_dim)),
-    use_qk_norm=family == "gemma3",
+    query_pre_attn_scalar=(
+      1.0 if family == "gemma4" else float(cfg.get("query_pre_attn_scalar", head_dim))
+    ),
+    use_qk_norm=family in ("gemma3", "gemma4"),
     use_post_attn_norm=family != "gemma1",
     use_post_ffw_norm=family != "gemma1",
     rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
@@ -207,4 +260,48 @@ def config_from_hf(
     eos_id=int(eos[0] if isinstance(eos, list) else eos),
     pad_id=int(cfg.get("pad_token_id", 0)),
     **_rope(cfg, family),
+    **(_gemma4_fields(cfg, types) if family == "gemma4" else {}),
+  )
+
+
+def _gemma4_fields(cfg: dict[str, Any], types: tuple[str, ...]) -> dict[str, Any]:
+  """The Gemma 4 knobs of a ``gemma4_text`` config."""
+  overrides = {int(k): v for k, v in (cfg.get("per_layer_config") or {}).items()}
+  k_eq_v = bool(cfg.get("attention_k_eq_v", False))
+  if overrides:
+    globals_ = [i for i, t in enumerate(types) if t == "global"]
+    odd = [i for i in overrides if types[i] != "global"]
+    uniform = {tuple(sorted(overrides.get(i, {}).items())) for i in globals_}
+    if odd or len(uniform) > 1:
+      raise errors.ConfigError(
+        "per_layer_config must give every full-attention layer the same"
+        f" overrides and no sliding layer any; got {cfg['per_layer_config']}."
+      )
+    same = dict(next(iter(uniform))) if uniform else {}
+    unknown = sorted(set(same) - {"head_dim", "num_key_value_heads"})
+    if unknown:
+      raise errors.ConfigError(f"Unsupported per_layer_config entries {unknown}.")
+    global_head_dim = same.get("head_dim")
+    global_kv = same.get("num_key_value_heads")
+  else:
+    global_head_dim = cfg.get("global_head_dim", 512)
+    global_kv = cfg.get("num_global_key_value_heads") if k_eq_v else None
+  moe = bool(cfg.get("enable_moe_block", False))
+  head_dim = cfg.get("head_dim")
+  return dict(
+    global_head_dim=None if global_head_dim == head_dim else global_head_dim,
+    num_global_kv_heads=global_kv,
+    k_eq_v_global=k_eq_v,
+    num_kv_shared_layers=int(cfg.get("num_kv_shared_layers", 0)),
+    per_layer_input_dim=int(cfg.get("hidden_size_per_layer_input") or 0),
+    per_layer_vocab_size=(
+      None
+      if cfg.get("vocab_size_per_layer_input") in (None, cfg["vocab_size"])
+      or not cfg.get("hidden_size_per_layer_input")
+      else int(cfg["vocab_size_per_layer_input"])
+    ),
+    double_wide_shared_mlp=bool(cfg.get("use_double_wide_mlp", False)),
+    num_experts=int(cfg.get("num_experts") or 0) if moe else 0,
+    top_k_experts=int(cfg.get("top_k_experts") or 0) if moe else 0,
+    expert_hidden_dim=int(cfg.get("moe_intermediate_size") or 0) if moe else 0,
   )

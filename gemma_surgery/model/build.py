@@ -33,6 +33,7 @@ from penzai.models.transformer import model_parts
 
 from gemma_surgery import errors, validation
 from gemma_surgery.config import GemmaConfig
+from gemma_surgery.model import build_gemma4, gemma4, primitives
 
 # The value used by the reference implementation for masked-out logits.
 MASKED_OUT_VALUE = -2.3819763e38
@@ -48,15 +49,31 @@ class ScaledRoPE(pz.nn.ApplyRoPE):
   ``scale_factor`` first (Hugging Face's ``rope_type="linear"``), which Gemma 3
   4B/12B/27B use on their global layers.
 
+  With ``proportion < 1`` only the first ``int(proportion * head_dim // 2)``
+  frequencies rotate and the others are left unrotated (Hugging Face's
+  ``proportional`` RoPE with ``partial_rotary_factor``, Gemma 4's global
+  layers): the frequencies keep their full-width spacing ``base ** (-2j / H)``.
+
   Attributes:
     scale_factor: Positions are divided by this before computing the angles.
+    proportion: Fraction of the head's dimensions that rotate.
   """
 
   scale_factor: float = dataclasses.field(default=1.0, metadata={"pytree_node": False})
+  proportion: float = dataclasses.field(default=1.0, metadata={"pytree_node": False})
 
   def _apply_1d(self, input_slice: jax.Array, position: jax.Array) -> jax.Array:
     scaled = position.astype(jnp.float32) / self.scale_factor
-    return super()._apply_1d(input_slice, scaled)
+    if self.proportion == 1.0:
+      return super()._apply_1d(input_slice, scaled)
+    [head_dim] = input_slice.shape
+    index = jnp.arange(head_dim // 2)
+    rotated = int(self.proportion * head_dim // 2)
+    angle = scaled / self.max_wavelength ** (2 * index / head_dim)
+    angle = jnp.where(index < rotated, angle, 0.0)
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    first, second = jnp.split(input_slice, 2)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin])
 
 
 @pz.pytree_dataclass(
@@ -92,62 +109,48 @@ def check_concrete_token_ids(tokens: Any, vocab_size: int) -> None:
     validation.check_token_ids(tokens, vocab_size)
 
 
-def gelu_tanh(x: jax.Array) -> jax.Array:
-  """GELU with the tanh approximation (HF's ``gelu_pytorch_tanh``).
+def head_axes(
+  config: GemmaConfig, layer: int | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+  """Penzai's head axes: ``(common_head_axes, query_only_head_axes)``.
 
-  A module-level function, not a ``functools.partial``: it is a static field
-  of the model, and a fresh partial per build would make every model a new
-  ``jit`` cache entry.
+  Args:
+    config: The architecture.
+    layer: A block index, for Gemma 4 whose global layers may have fewer kv
+      heads; None gives the model-wide (local-layer) axes.
   """
-  return jax.nn.gelu(x, approximate=True)
-
-
-def head_axes(config: GemmaConfig) -> tuple[dict[str, int], dict[str, int]]:
-  """Penzai's head axes: ``(common_head_axes, query_only_head_axes)``."""
-  if config.queries_per_kv_head == 1:
+  kv = config.num_kv_heads if layer is None else config.layer_kv_heads(layer)
+  if kv == config.num_heads:
     return {"heads": config.num_heads}, {}
-  if config.num_kv_heads == 1:
+  if kv == 1:
     return {}, {"query_heads": config.num_heads}
-  return (
-    {"head_groups": config.num_kv_heads},
-    {"query_heads": config.queries_per_kv_head},
-  )
+  return {"head_groups": kv}, {"query_heads": config.num_heads // kv}
 
 
-def _dtype(name: str) -> jnp.dtype:
-  return jnp.dtype(name)
-
-
-def _rms_norm(name, rng, axes, config) -> pz.nn.RMSLayerNorm:
-  return pz.nn.RMSLayerNorm.from_config(
-    name=name,
-    init_base_rng=rng,
-    across_axes=axes,
-    dtype=_dtype(config.parameter_dtype),
-    epsilon=config.rms_norm_eps,
-  )
-
-
-def _linear(name, rng, inputs, outputs, config) -> pz.nn.Linear:
-  return pz.nn.Linear.from_config(
-    name=name,
-    init_base_rng=rng,
-    input_axes=inputs,
-    output_axes=outputs,
-    dtype=_dtype(config.parameter_dtype),
-  )
+gelu_tanh = primitives.gelu_tanh
+_dtype = primitives.dtype
+_rms_norm = primitives.rms_norm
+_linear = primitives.linear
 
 
 def build_attention(
   name: str, rng: jax.Array | None, config: GemmaConfig, layer: int
-) -> pz.nn.Attention:
-  """Builds the attention sublayer of block ``layer``."""
-  common, q_only = head_axes(config)
+) -> pz.nn.Attention | gemma4.SharedKVAttention:
+  """Builds the attention sublayer of block ``layer``.
+
+  Gemma 4 layers add: a per-layer head width and kv head count, values that
+  are the RMS-standardized key projection (``k_eq_v``) and RMS-standardized
+  values in general, `ShareKV` taps on the keys/values of a layer whose
+  keys/values later layers reuse, and `SharedKVAttention` (queries only) on
+  those later layers.
+  """
+  common, q_only = head_axes(config, layer)
   common_ix = {ax: ax for ax in common}
   q_ix = {ax: ax for ax in q_only}
   d = {"embedding": config.embedding_dim}
-  proj = {"projection": config.head_dim}
+  proj = {"projection": config.layer_head_dim(layer)}
   act = _dtype(config.compute_dtype)
+  kind = config.attention_types[layer]
 
   def rope():
     return ScaledRoPE(
@@ -155,15 +158,27 @@ def build_attention(
       max_wavelength=config.rope_base(layer),
       positions_input_name="token_positions",
       scale_factor=config.rope_scale(layer),
+      proportion=config.rope_proportion(layer),
     )
 
   query = [_linear(f"{name}/query", rng, d, {**common, **q_only, **proj}, config)]
-  key = [_linear(f"{name}/key", rng, d, {**common, **proj}, config)]
+  key_linear = _linear(f"{name}/key", rng, d, {**common, **proj}, config)
+  key: list[pz.nn.Layer] = [key_linear]
   if config.use_qk_norm:
     query.append(_rms_norm(f"{name}/query_norm", rng, proj, config))
     key.append(_rms_norm(f"{name}/key_norm", rng, proj, config))
   query += [rope(), pz.nn.ConstantRescale(by=jnp.array(config.query_scale, act))]
   key.append(rope())
+  if config.is_k_eq_v(layer):  # the same weights (one parameter) as the keys
+    value = [dataclasses.replace(key_linear)]
+  else:
+    value = [_linear(f"{name}/value", rng, d, {**common, **proj}, config)]
+  if config.family == "gemma4":
+    eps = config.rms_norm_eps
+    value.append(pz.nn.RMSStandardize(across=("projection",), epsilon=eps))
+  if config.kv_consumers(layer):
+    key.append(gemma4.ShareKV(kind=kind, role="key"))
+    value.append(gemma4.ShareKV(kind=kind, role="value"))
 
   scores = [
     pz.nn.NamedEinsum(
@@ -188,35 +203,40 @@ def build_attention(
   else:
     scores.append(pz.nn.ApplyCausalAttentionMask(masked_out_value=masked))
   scores.append(pz.nn.Softmax("kv_seq"))
-
+  output = pz.nn.Sequential(
+    [
+      pz.nn.NamedEinsum(
+        (
+          {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
+          {"seq": "tkv", **common_ix, "projection": "p"},
+        ),
+        {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
+      ),
+      _linear(f"{name}/output", rng, {**common, **q_only, **proj}, d, config),
+    ]
+  )
+  if config.is_kv_shared(layer):
+    return gemma4.SharedKVAttention(
+      input_to_query=pz.nn.Sequential(query),
+      query_key_to_attn=pz.nn.Sequential(scores),
+      attn_value_to_output=output,
+      kind=kind,
+    )
   return pz.nn.Attention(
     input_to_query=pz.nn.Sequential(query),
     input_to_key=pz.nn.Sequential(key),
-    input_to_value=pz.nn.Sequential(
-      [_linear(f"{name}/value", rng, d, {**common, **proj}, config)]
-    ),
+    input_to_value=pz.nn.Sequential(value),
     query_key_to_attn=pz.nn.Sequential(scores),
-    attn_value_to_output=pz.nn.Sequential(
-      [
-        pz.nn.NamedEinsum(
-          (
-            {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
-            {"seq": "tkv", **common_ix, "projection": "p"},
-          ),
-          {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
-        ),
-        _linear(f"{name}/output", rng, {**common, **q_only, **proj}, d, config),
-      ]
-    ),
+    attn_value_to_output=output,
   )
 
 
 def build_feedforward(
-  name: str, rng: jax.Array | None, config: GemmaConfig
+  name: str, rng: jax.Array | None, config: GemmaConfig, layer: int = 0
 ) -> model_parts.TransformerFeedForward:
-  """GeGLU MLP: ``out(gelu_tanh(gate(x)) * value(x))``."""
+  """GeGLU MLP: ``out(gelu_tanh(gate(x)) * value(x))``, layer ``layer``'s width."""
   d = {"embedding": config.embedding_dim}
-  f = {"neurons": config.mlp_hidden_dim}
+  f = {"neurons": config.layer_mlp_dim(layer)}
   return model_parts.TransformerFeedForward(
     [
       pz.nn.BranchAndMultiplyTogether(
@@ -249,16 +269,20 @@ def build_block(
     attn.append(_rms_norm(f"{name}/post_attention_norm", rng, d, config))
   ffw = [
     _rms_norm(f"{name}/pre_ffw_norm", rng, d, config),
-    build_feedforward(f"{name}/mlp", rng, config),
+    build_feedforward(f"{name}/mlp", rng, config, layer),
   ]
+  if config.uses_moe:  # Gemma 4 26B-A4B: dense MLP + mixture of experts.
+    ffw.append(_rms_norm(f"{name}/post_ffw_norm_1", rng, d, config))
+    experts = build_gemma4.build_moe(name, rng, config)
+    ffw = [pz.nn.BranchAndAddTogether([pz.nn.Sequential(ffw), experts])]
   if config.use_post_ffw_norm:
     ffw.append(_rms_norm(f"{name}/post_ffw_norm", rng, d, config))
-  return model_parts.TransformerBlock(
-    sublayers=[
-      pz.nn.Residual(pz.nn.Sequential(attn)),
-      pz.nn.Residual(pz.nn.Sequential(ffw)),
-    ]
-  )
+  sublayers: list[pz.nn.Layer] = [
+    pz.nn.Residual(pz.nn.Sequential(attn)),
+    pz.nn.Residual(pz.nn.Sequential(ffw)),
+  ]
+  sublayers += build_gemma4.block_extras(name, rng, config, layer)
+  return model_parts.TransformerBlock(sublayers=sublayers)
 
 
 def build_model(
@@ -311,8 +335,19 @@ def build_model(
       pz.nn.TanhSoftCap(soft_cap=jnp.array(config.final_logit_softcap, act))
     )
   common, q_only = head_axes(config)
+  if config.family == "gemma4":
+    body = gemma4.Gemma4Body(
+      sublayers=layers,
+      per_layer_inputs=(
+        build_gemma4.build_per_layer_inputs(name, init_base_rng, config, table)
+        if config.per_layer_input_dim
+        else None
+      ),
+    )
+  else:
+    body = pz.nn.Sequential(layers)
   return GemmaTransformerLM(
-    body=pz.nn.Sequential(layers),
+    body=body,
     metadata=model_parts.TransformerMetadata(
       common_head_axes=common,
       query_only_head_axes=q_only,

@@ -27,6 +27,29 @@ name                                shape        meaning
 ``layer_{i}/mlp/up``                [D, F]       GeGLU value
 ``layer_{i}/mlp/down``              [F, D]
 ==================================  ===========  ==============================
+
+Gemma 4 (RMSNorm weights applied as ``w``; layer ``i`` has its own head width
+``H_i``, kv heads ``K_i`` and MLP width ``F_i``; KV-shared layers have no
+``attn/k``, ``attn/v``, ``attn/key_norm``; ``k = v`` layers no ``attn/v``)
+adds, with P the per-layer embedding width, L layers, E experts, X the
+expert width:
+
+=======================================  ===========  =========================
+``layer_{i}/layer_scalar``               []           output multiplier
+``per_layer_embedder``                   [V, L, P]    per-layer embeddings
+``per_layer_projection``                 [D, L, P]
+``per_layer_projection_norm``            [P]
+``layer_{i}/per_layer_input/gate``       [D, P]
+``layer_{i}/per_layer_input/projection`` [P, D]
+``layer_{i}/per_layer_input/norm``       [D]
+``layer_{i}/post_ffw_norm_1``            [D]          dense-MLP norm (MoE)
+``layer_{i}/moe/router_norm``            [D]          router input scale
+``layer_{i}/moe/router``                 [D, E]
+``layer_{i}/moe/per_expert_scale``       [E]
+``layer_{i}/moe/pre_norm``, ``post_norm`` [D]
+``layer_{i}/moe/gate``, ``moe/up``       [E, D, X]
+``layer_{i}/moe/down``                   [E, X, D]
+=======================================  ===========  =========================
 """
 
 from __future__ import annotations
@@ -44,11 +67,13 @@ from gemma_surgery.model import build
 
 def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
   """Canonical parameter names and shapes for ``config``."""
-  n, k = config.num_heads, config.num_kv_heads
-  d, h, f = config.embedding_dim, config.head_dim, config.mlp_hidden_dim
+  n, d = config.num_heads, config.embedding_dim
   shapes = {"embedder": (config.vocab_size, d), "final_norm": (d,)}
+  shapes.update(_gemma4_global_shapes(config))
   for i in range(config.num_layers):
     p = f"layer_{i}"
+    k, h = config.layer_kv_heads(i), config.layer_head_dim(i)
+    f = config.layer_mlp_dim(i)
     norms = ["pre_attention_norm", "pre_ffw_norm"]
     if config.use_post_attn_norm:
       norms.append("post_attention_norm")
@@ -57,15 +82,53 @@ def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
     for norm in norms:
       shapes[f"{p}/{norm}"] = (d,)
     shapes[f"{p}/attn/q"] = (n, d, h)
-    shapes[f"{p}/attn/k"] = (k, d, h)
-    shapes[f"{p}/attn/v"] = (k, d, h)
+    shared = config.is_kv_shared(i)
+    if not shared:
+      shapes[f"{p}/attn/k"] = (k, d, h)
+    if not shared and not config.is_k_eq_v(i):
+      shapes[f"{p}/attn/v"] = (k, d, h)
     shapes[f"{p}/attn/o"] = (n, h, d)
     if config.use_qk_norm:
       shapes[f"{p}/attn/query_norm"] = (h,)
-      shapes[f"{p}/attn/key_norm"] = (h,)
+      if not shared:
+        shapes[f"{p}/attn/key_norm"] = (h,)
     shapes[f"{p}/mlp/gate"] = (d, f)
     shapes[f"{p}/mlp/up"] = (d, f)
     shapes[f"{p}/mlp/down"] = (f, d)
+    shapes.update(_gemma4_layer_shapes(config, i))
+  return shapes
+
+
+def _gemma4_global_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+  p, d = config.per_layer_input_dim, config.embedding_dim
+  if not p:
+    return {}
+  vocab = config.per_layer_vocab_size or config.vocab_size
+  return {
+    "per_layer_embedder": (vocab, config.num_layers, p),
+    "per_layer_projection": (d, config.num_layers, p),
+    "per_layer_projection_norm": (p,),
+  }
+
+
+def _gemma4_layer_shapes(config: GemmaConfig, i: int) -> dict[str, tuple[int, ...]]:
+  if config.family != "gemma4":
+    return {}
+  pre, d = f"layer_{i}", config.embedding_dim
+  shapes: dict[str, tuple[int, ...]] = {f"{pre}/layer_scalar": ()}
+  if p := config.per_layer_input_dim:
+    shapes[f"{pre}/per_layer_input/gate"] = (d, p)
+    shapes[f"{pre}/per_layer_input/projection"] = (p, d)
+    shapes[f"{pre}/per_layer_input/norm"] = (d,)
+  if e := config.num_experts:
+    x = config.expert_hidden_dim
+    for norm in ("post_ffw_norm_1", "moe/router_norm", "moe/pre_norm", "moe/post_norm"):
+      shapes[f"{pre}/{norm}"] = (d,)
+    shapes[f"{pre}/moe/router"] = (d, e)
+    shapes[f"{pre}/moe/per_expert_scale"] = (e,)
+    shapes[f"{pre}/moe/gate"] = (e, d, x)
+    shapes[f"{pre}/moe/up"] = (e, d, x)
+    shapes[f"{pre}/moe/down"] = (e, x, d)
   return shapes
 
 
@@ -155,27 +218,31 @@ class Target:
 
 def penzai_targets(config: GemmaConfig) -> dict[str, Target]:
   """Every Penzai parameter label of ``config`` and how to make it."""
-  common, q_only = build.head_axes(config)
-  q_axes, q_sizes = (*common, *q_only), (*common.values(), *q_only.values())
+  norm = "norm" if config.norm_offset else "same"
   out = {
     "embedder.embeddings": Target("embedder", ("vocabulary", "embedding")),
-    "final_norm/scale.weights": Target("final_norm", ("embedding",), "norm"),
+    "final_norm/scale.weights": Target("final_norm", ("embedding",), norm),
   }
+  out.update(_gemma4_global_targets(config))
+  shapes = expected_shapes(config)
   for i in range(config.num_layers):
     src, dst = f"layer_{i}", f"block_{i}"
+    common, q_only = build.head_axes(config, i)
+    q_axes, q_sizes = (*common, *q_only), (*common.values(), *q_only.values())
     norms = ["pre_attention_norm", "pre_ffw_norm"]
     if config.use_post_attn_norm:
       norms.insert(1, "post_attention_norm")
     if config.use_post_ffw_norm:
       norms.append("post_ffw_norm")
-    for norm in norms:
-      out[f"{dst}/{norm}/scale.weights"] = Target(
-        f"{src}/{norm}", ("embedding",), "norm"
+    for norm_name in norms:
+      out[f"{dst}/{norm_name}/scale.weights"] = Target(
+        f"{src}/{norm_name}", ("embedding",), norm
       )
     out[f"{dst}/attention/query.weights"] = Target(
       f"{src}/attn/q", (*q_axes, "embedding", "projection"), "heads", q_sizes
     )
-    for name, label in (("k", "key"), ("v", "value")):
+    kv = [n for n in (("k", "key"), ("v", "value")) if f"{src}/attn/{n[0]}" in shapes]
+    for name, label in kv:
       # MQA: the single kv head has no axis.
       kind = "same" if common else "drop"
       out[f"{dst}/attention/{label}.weights"] = Target(
@@ -186,9 +253,10 @@ def penzai_targets(config: GemmaConfig) -> dict[str, Target]:
     )
     if config.use_qk_norm:
       for name in ("query_norm", "key_norm"):
-        out[f"{dst}/attention/{name}/scale.weights"] = Target(
-          f"{src}/attn/{name}", ("projection",), "norm"
-        )
+        if f"{src}/attn/{name}" in shapes:
+          out[f"{dst}/attention/{name}/scale.weights"] = Target(
+            f"{src}/attn/{name}", ("projection",), norm
+          )
     out[f"{dst}/mlp/gating_linear.weights"] = Target(
       f"{src}/mlp/gate", ("embedding", "neurons")
     )
@@ -198,6 +266,54 @@ def penzai_targets(config: GemmaConfig) -> dict[str, Target]:
     out[f"{dst}/mlp/out_linear.weights"] = Target(
       f"{src}/mlp/down", ("neurons", "embedding")
     )
+    out.update(_gemma4_layer_targets(config, i))
+  return out
+
+
+def _gemma4_global_targets(config: GemmaConfig) -> dict[str, Target]:
+  if not config.per_layer_input_dim:
+    return {}
+  table = ("layers", "per_layer")
+  return {
+    "per_layer_embedder.embeddings": Target(
+      "per_layer_embedder", ("vocabulary", *table)
+    ),
+    "per_layer_projection.weights": Target(
+      "per_layer_projection", ("embedding", *table)
+    ),
+    "per_layer_projection_norm/scale.weights": Target(
+      "per_layer_projection_norm", ("per_layer",)
+    ),
+  }
+
+
+def _gemma4_layer_targets(config: GemmaConfig, i: int) -> dict[str, Target]:
+  if config.family != "gemma4":
+    return {}
+  src, dst = f"layer_{i}", f"block_{i}"
+  out = {f"{dst}/layer_scalar.weights": Target(f"{src}/layer_scalar", ())}
+  if config.per_layer_input_dim:
+    for name, axes in (
+      ("gate", ("embedding", "per_layer")),
+      ("projection", ("per_layer", "embedding")),
+    ):
+      out[f"{dst}/per_layer_input/{name}.weights"] = Target(
+        f"{src}/per_layer_input/{name}", axes
+      )
+    out[f"{dst}/per_layer_input/norm/scale.weights"] = Target(
+      f"{src}/per_layer_input/norm", ("embedding",)
+    )
+  if config.num_experts:
+    for norm in ("post_ffw_norm_1", "moe/router_norm", "moe/pre_norm", "moe/post_norm"):
+      out[f"{dst}/{norm}/scale.weights"] = Target(f"{src}/{norm}", ("embedding",))
+    for label, name, axes in (
+      ("router", "router", ("embedding", "experts")),
+      ("per_expert_scale", "per_expert_scale", ("experts",)),
+      ("gating", "gate", ("experts", "embedding", "neurons")),
+      ("value", "up", ("experts", "embedding", "neurons")),
+      ("out", "down", ("experts", "neurons", "embedding")),
+    ):
+      out[f"{dst}/moe/{label}.weights"] = Target(f"{src}/moe/{name}", axes)
   return out
 
 

@@ -60,19 +60,25 @@ class MemoryPlan:
 def kv_cache_shapes(
   config: GemmaConfig, batch: int, cache_len: int
 ) -> dict[str, dict[str, int]]:
-  """Named shapes of the KV caches of `gs.generate` (per layer, key and value)."""
-  kv_heads, _ = build.head_axes(config)
-  shape = {
-    "batch": batch,
-    **kv_heads,
-    "projection": config.head_dim,
-    "seq": cache_len,
-  }
-  return {
-    f"layer_{i}/{kind}": dict(shape)
-    for i in range(config.num_layers)
-    for kind in ("key", "value")
-  }
+  """Named shapes of the KV caches of `gs.generate` (per layer, key and value).
+
+  Gemma 4: each layer's own kv heads and head width; KV-shared layers have
+  no cache (they read their producer's).
+  """
+  out = {}
+  for i in range(config.num_layers):
+    if config.is_kv_shared(i):
+      continue
+    kv_heads, _ = build.head_axes(config, i)
+    shape = {
+      "batch": batch,
+      **kv_heads,
+      "projection": config.layer_head_dim(i),
+      "seq": cache_len,
+    }
+    for kind in ("key", "value"):
+      out[f"layer_{i}/{kind}"] = dict(shape)
+  return out
 
 
 def _split(named: dict[str, int], mesh: AbstractMesh, rules) -> int:

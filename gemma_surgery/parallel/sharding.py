@@ -42,6 +42,7 @@ Rules = Sequence[tuple[str, str]]
 #   prompts, tokens   batch -> data.
 DEFAULT_RULES: Rules = (
   ("batch", "data"),
+  ("experts", "model"),  # Gemma 4 MoE: expert parallelism (before neurons)
   ("neurons", "model"),
   ("heads", "model"),
   ("head_groups", "model"),

@@ -6,6 +6,7 @@
   ablate/patch, attention-pattern edits, neuron scaling, top-k, buffers).
 * `rewrites`: `capture`, `steer`, `chain`, `unpatch`.
 * `interventions`: ablation, patching, neurons, attention patterns, top-k.
+* `experts`: Gemma 4 mixture of experts: `ablate_experts`, `force_routing`.
 * `captures`: `Captures`, the one container every capture path returns.
 * `checks`: the one place where user inputs and site sizes are checked.
 * `rows`: `stack_rows`, per-row edits (row i of a batch gets edit i).
@@ -19,6 +20,7 @@ Every rewrite is a pure function ``(model, site, layers, ...) -> model`` (or
 from gemma_surgery.surgery import (
   captures,
   checks,
+  experts,
   heads,
   interventions,
   layers,
@@ -29,6 +31,7 @@ from gemma_surgery.surgery import (
   sites,
 )
 from gemma_surgery.surgery.captures import Captures
+from gemma_surgery.surgery.experts import ablate_experts, force_routing
 from gemma_surgery.surgery.layers.capture import DisplayIntermediate, SaveIntermediate
 from gemma_surgery.surgery.layers.steer import SteerIntermediate
 from gemma_surgery.surgery.rewrites import capture, chain, steer, unpatch
@@ -42,10 +45,13 @@ __all__ = [
   "DisplayIntermediate",
   "SaveIntermediate",
   "SteerIntermediate",
+  "ablate_experts",
   "capture",
   "captures",
   "chain",
   "checks",
+  "experts",
+  "force_routing",
   "heads",
   "interventions",
   "jit_forward",

@@ -35,7 +35,12 @@ def site_sizes(model: Any, site: str) -> dict[str, int]:
   meta = model.metadata
   kv_heads = math.prod(meta.common_head_axes.values())
   q_heads = kv_heads * math.prod(meta.query_only_head_axes.values())
+  config = getattr(model, "config", None)
+  gemma4 = {}
+  if config is not None and config.family == "gemma4":
+    gemma4 = {"experts": config.num_experts, "per_layer": config.per_layer_input_dim}
   return {
+    **gemma4,
     "embedding": meta.embedding_dim,
     "neurons": meta.mlp_hidden_dim,
     "projection": meta.projection_dim,

@@ -34,6 +34,10 @@ mlp.out           MLP sublayer output (after post-norm)           embedding
 resid_post        output of block L                               embedding
 ================  ==============================================  ==================
 
+Gemma 4 adds ``per_layer.input``, ``moe.router_logits``, ``moe.weights`` and
+``moe.expert_out`` (`gemma_surgery.surgery.sites_gemma4`). Its KV-shared
+layers compute no keys or values, so ``attn.k``/``attn.v`` don't exist there.
+
 Global sites: ``embed`` (after the sqrt(d_model) scaling), ``final_norm``
 (output of the final RMSNorm), ``logits`` (after any final soft cap).
 
@@ -53,7 +57,8 @@ from penzai import pz
 from penzai.models.transformer import model_parts
 
 from gemma_surgery import errors
-from gemma_surgery.surgery import heads
+from gemma_surgery.model import gemma4
+from gemma_surgery.surgery import heads, sites_gemma4
 from gemma_surgery.surgery.layers.base import SurgeryLayer
 
 
@@ -193,15 +198,29 @@ SITES: dict[str, SiteInfo] = {
   ]
 }
 
+# Sites only some Gemma 4 models have (kept out of `SITES`, the sites every
+# Gemma has, so code iterating over `SITES` works on any variant).
+GEMMA4_SITES: dict[str, SiteInfo] = {
+  name: SiteInfo(name, True, axes, f"HF {module}", doc)
+  for name, axes, module, doc in sites_gemma4.ROWS
+}
+_ALL_SITES = {**SITES, **GEMMA4_SITES}
 HEAD_SITES = heads.HEAD_SITES
-_ATTENTION_TYPES = (pz.nn.Attention, pz.nn.KVCachingAttention)
+_ATTENTION_TYPES = (
+  pz.nn.Attention,
+  pz.nn.KVCachingAttention,
+  gemma4.SharedKVAttention,
+  gemma4.SharedKVCachingAttention,
+)
 
 
 def site_info(site: str) -> SiteInfo:
   """The `SiteInfo` of ``site``; raises `SiteError` for unknown names."""
-  if not isinstance(site, str) or site not in SITES:
-    raise errors.SiteError(f"Unknown site {site!r}; valid sites: {', '.join(SITES)}.")
-  return SITES[site]
+  if not isinstance(site, str) or site not in _ALL_SITES:
+    raise errors.SiteError(
+      f"Unknown site {site!r}; valid sites: {', '.join(_ALL_SITES)}."
+    )
+  return _ALL_SITES[site]
 
 
 def _body_owner(model: Any) -> Any:
@@ -270,6 +289,8 @@ def _single(selection: pz.Selection, what: str) -> pz.Selection:
 
 def _block_anchor(block: Any, site: str) -> tuple[pz.Selection, str]:
   """Selection inside one block, and whether to insert "after" or "before"."""
+  if site in sites_gemma4.SITE_NAMES:
+    return sites_gemma4.anchor(block, site), "after"
   sel = pz.select(block)
   residuals = sel.at_instances_of(pz.nn.Residual)
   if residuals.count() != 2:
@@ -300,6 +321,11 @@ def _block_anchor(block: Any, site: str) -> tuple[pz.Selection, str]:
   if site == "attn.q":
     rope = attn.at(lambda a: a.input_to_query).at_instances_of(pz.nn.ApplyRoPE)
     return _single(rope, "query RoPE"), "after"
+  if site in ("attn.k", "attn.v") and not hasattr(attn.get(), "input_to_key"):
+    raise errors.SiteError(
+      f"Site {site!r} does not exist on a Gemma 4 KV-shared layer: it reuses"
+      " the keys/values of an earlier layer (config.kv_source)."
+    )
   if site == "attn.k":
     rope = attn.at(lambda a: a.input_to_key).at_instances_of(pz.nn.ApplyRoPE)
     return _single(rope, "key RoPE"), "after"
@@ -379,7 +405,7 @@ def select(
 
   Args:
     model: A Penzai transformer LM (uncached or KV-caching), possibly patched.
-    site: A site name (see `SITES`).
+    site: A site name (see `SITES` and, on Gemma 4, `GEMMA4_SITES`).
     layers: Layer index, list of indices, or None for all layers. Must be None
       for global sites.
 
@@ -469,5 +495,5 @@ def insert(
 def sites_table() -> Sequence[tuple[str, str, str, str]]:
   """Rows ``(site, axes, TransformerLens hook, meaning)`` for docs."""
   return [
-    (s.name, ", ".join(s.axes), s.transformer_lens, s.doc) for s in SITES.values()
+    (s.name, ", ".join(s.axes), s.transformer_lens, s.doc) for s in _ALL_SITES.values()
   ]
