@@ -36,6 +36,11 @@ Key = tuple[str, int | None]
 Metric = Callable[..., Any]
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+  """``x`` in float32, or wider (float64 stays float64)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class LogProb:
   """Metric ``log p(target)`` at ``position``, per batch row.
@@ -52,7 +57,7 @@ class LogProb:
     vocab, seq = logits.named_shape["vocabulary"], logits.named_shape["seq"]
     LogitDifference(self.target, self.target, self.position).check(vocab, seq)
     at = logits[{"seq": self.position}].unwrap("batch", "vocabulary")
-    return jax.nn.log_softmax(at.astype(jnp.float32), axis=-1)[:, self.target]
+    return jax.nn.log_softmax(_at_least_f32(at), axis=-1)[:, self.target]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +80,8 @@ class KLToClean:
         "kl_to_clean needs the clean run's logits: use it through"
         " site_gradients / attribution_patching, which pass them."
       )
-    row = logits.unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
-    ref = jnp.asarray(reference, jnp.float32)
+    row = _at_least_f32(logits.unwrap("batch", "seq", "vocabulary"))
+    ref = jnp.asarray(reference, row.dtype)
     if self.position is not None:
       seq = row.shape[1]
       if not -seq <= self.position < seq:
