@@ -156,7 +156,8 @@ def tap(model: Any, site_layers: Sequence[tuple[str, Any]]) -> Any:
   global sites).
   """
   for site, layers in site_layers:
-    model = sites.insert(model, site, layers, functools.partial(GradientTap.fresh, site))
+    make = functools.partial(GradientTap.fresh, site)
+    model = sites.insert(model, site, layers, make)
   return model
 
 
@@ -359,4 +360,3 @@ def site_gradients(
     metric_clean=values[:rows],
     metric_corrupted=None if parts == 1 else values[rows:],
   )
-

@@ -32,8 +32,7 @@ from gemma_surgery.surgery import heads
 
 QK_SITES = ("attn.q", "attn.k")
 UNSUPPORTED = (
-  "atp* at attn.k by head_position is not supported: use by='position' or"
-  " by='head'."
+  "atp* at attn.k by head_position is not supported: use by='position' or by='head'."
 )
 _ATTENTION_TYPES = (pz.nn.Attention, pz.nn.KVCachingAttention)
 _HEAD_AXES = ("heads", "head_groups", "query_heads")
@@ -63,9 +62,7 @@ def _after_rope(projection: Any) -> list[Any]:
   return layers[at[0] + 1 :]
 
 
-def pattern(
-  attn: Any, q: pz.nx.NamedArray, k: pz.nx.NamedArray
-) -> pz.nx.NamedArray:
+def pattern(attn: Any, q: pz.nx.NamedArray, k: pz.nx.NamedArray) -> pz.nx.NamedArray:
   """The attention pattern (user heads) of ``attn`` for ``attn.q``/``attn.k``
   values ``q`` ``{batch, seq, heads, projection}`` and ``k`` (kv heads)."""
   q = heads.to_native_heads(q, _native_heads(attn.input_to_query))
@@ -168,4 +165,3 @@ def pattern_effects(
 def _key_heads_change(attn, q_bad, k_clean, base_pattern, grad):
   change = (pattern(attn, q_bad, k_clean) - base_pattern) * grad
   return _sum_keep(change, ("heads",)).unwrap("heads")
-

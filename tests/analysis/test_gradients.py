@@ -76,7 +76,8 @@ def test_gradient_matches_finite_differences(variant, site, layer, metric_name):
     clean, bad = _prompts(vocab)
     metric = _make_metric(metric_name)
     grads = gradients.site_gradients(model, clean, bad, metric, site, layer)
-    reference = np.asarray(model(named_tokens(clean)).unwrap("batch", "seq", "vocabulary"))
+    logits = model(named_tokens(clean))
+    reference = np.asarray(logits.unwrap("batch", "seq", "vocabulary"))
     assert pz.select(model).at_instances_of(SurgeryLayer).count() == 0
     for ids, acts, grad, value in (
       (bad, grads.corrupted, grads.grad_corrupted, grads.metric_corrupted[0]),
