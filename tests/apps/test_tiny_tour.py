@@ -54,6 +54,18 @@ def test_tour_on_the_embedded_model_finds_its_induction_head(lm, tmp_path):
   knocked = re.search(r"knocked out: ([\d.]+) \(\+([-\d.]+)\)", report)
   assert float(knocked.group(2)) > 0.5  # knocking the best heads out hurts copying
   assert "Sparse autoencoder" in report and (tmp_path / "heads_induction.png").exists()
+  # Attribution patching beside the exact sweeps, and their agreement.
+  agree = re.findall(
+    r"(\S+) +by (\w+) +Spearman ([-\d.]+) +top-5 in top-10 (\d+)%", report
+  )
+  assert {(site, by) for site, by, _, _ in agree} == {
+    ("resid_post", "position"),
+    ("attn.out", "position"),
+    ("mlp.out", "position"),
+    ("attn.z", "head"),
+  }
+  assert all(float(rho) >= 0.8 and int(recall) == 100 for _, _, rho, recall in agree)
+  assert (tmp_path / "attribution_attn_z.png").exists()
 
 
 def test_steering_with_an_sae_feature_raises_its_lens_tokens(lm):
