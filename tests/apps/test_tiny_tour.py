@@ -56,7 +56,7 @@ def test_tour_on_the_embedded_model_finds_its_induction_head(lm, tmp_path):
   assert "Sparse autoencoder" in report and (tmp_path / "heads_induction.png").exists()
   # Attribution patching beside the exact sweeps, and their agreement.
   agree = re.findall(
-    r"(\S+) +by (\w+) +Spearman ([-\d.]+) +top-5 in top-10 (\d+)%", report
+    r"([\w.]+) +by (\w+) +Spearman ([-\d.]+) +top-5 in top-10 (\d+)%", report
   )
   assert {(site, by) for site, by, _, _ in agree} == {
     ("resid_post", "position"),
