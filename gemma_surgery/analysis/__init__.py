@@ -13,11 +13,25 @@ bare array take ``named=True`` (see `named` for the axis names).
   knockout losses.
 * `patching`: activation patching sweeps (layers × positions or heads), all
   patches of a sweep batched into a few jitted calls.
+* `gradients`: gradients of a metric at any site for a clean and a corrupted
+  batch in one jitted forward and backward (zero-valued taps); metrics
+  `log_prob`, `kl_to_clean` beside `logit_difference`.
+* `attribution`: attribution patching (AtP, AtP* with the QK fix in
+  `qk_fix`, integrated gradients), compared with exact sweeps.
 * `random_tokens`: which ids random-token analyses draw (`token_pool`) and
   repeated random sequences.
 """
 
-from gemma_surgery.analysis import attention, named, neurons, patching, random_tokens
+from gemma_surgery.analysis import (
+  attention,
+  attribution,
+  gradients,
+  named,
+  neurons,
+  patching,
+  qk_fix,
+  random_tokens,
+)
 from gemma_surgery.analysis.attention import (
   InductionResult,
   attention_patterns,
@@ -29,6 +43,18 @@ from gemma_surgery.analysis.attention import (
   previous_token_scores,
   repeat_losses,
   token_losses,
+)
+from gemma_surgery.analysis.attribution import (
+  AttributionResult,
+  attribution_patching,
+  spearman,
+  top_k_recall,
+)
+from gemma_surgery.analysis.gradients import (
+  SiteGradients,
+  kl_to_clean,
+  log_prob,
+  site_gradients,
 )
 from gemma_surgery.analysis.logit_lens import LogitLens, logit_lens
 from gemma_surgery.analysis.neurons import (
@@ -47,18 +73,25 @@ from gemma_surgery.analysis.random_tokens import repeated_tokens, token_pool
 from gemma_surgery.surgery.readout import readout_head, top_tokens
 
 __all__ = [
+  "AttributionResult",
   "InductionResult",
   "LogitLens",
   "NeuronTokens",
   "PatchingResult",
+  "SiteGradients",
   "TopNeurons",
   "attention",
   "attention_patterns",
+  "attribution",
+  "attribution_patching",
   "compare_neuron_edits",
   "duplicate_token_scores",
+  "gradients",
   "induction_scores",
   "induction_token_scores",
+  "kl_to_clean",
   "knockout_losses",
+  "log_prob",
   "logit_difference",
   "logit_lens",
   "mask_bos",
@@ -68,12 +101,16 @@ __all__ = [
   "patching",
   "patching_sweep",
   "previous_token_scores",
+  "qk_fix",
   "random_tokens",
   "readout_head",
   "repeated_tokens",
   "repeat_losses",
+  "site_gradients",
+  "spearman",
   "token_losses",
   "token_pool",
   "top_neurons",
+  "top_k_recall",
   "top_tokens",
 ]

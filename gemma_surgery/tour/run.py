@@ -1,10 +1,10 @@
 """The tour: every analysis of the three tutorials on one model, as one report.
 
 `run_tour` runs the logit lens, MLP-neuron views and edits, the attention view
-and head scores, induction with head knockouts, and activation-patching sweeps
-(and, with an SAE, the SAE views) on a loaded model, and writes one
-self-contained ``report.html`` plus PNGs of the heatmaps into a folder. The
-``gemma-surgery tour`` command calls it.
+and head scores, induction with head knockouts, activation-patching sweeps
+and their attribution-patching estimates (and, with an SAE, the SAE views) on
+a loaded model, and writes one self-contained ``report.html`` plus PNGs of
+the heatmaps into a folder. The ``gemma-surgery tour`` command calls it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gemma_surgery.generation import generate, named_tokens
 from gemma_surgery.host import to_numpy
 from gemma_surgery.loading.api import LoadedModel
 from gemma_surgery.surgery import capture, jit_forward
+from gemma_surgery.tour.attribution_section import attribution_section
 from gemma_surgery.tour.sae_section import sae_section
 
 DEFAULT_PROMPT = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return"
@@ -48,6 +49,8 @@ class TourContext:
     continuation: The unedited model's greedy continuation (set by the
       overview; edited generations are compared with it).
     coherence: The SAE section's coherence of the prompt's top features.
+    sweeps: Exact patching sweeps by ``(site, by)`` (the patching section).
+    patching_pair: ``(clean, corrupted, metric)`` of those sweeps.
   """
 
   lm: LoadedModel
@@ -61,6 +64,8 @@ class TourContext:
   new_tokens: int = 24
   continuation: str = ""
   coherence: list[Any] = dataclasses.field(default_factory=list)
+  sweeps: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
+  patching_pair: Any = None
 
   @property
   def model(self) -> Any:
@@ -268,6 +273,7 @@ def _patching(ctx: TourContext) -> None:
     ctx.lm.config.vocab_size, bos_id=ctx.lm.config.bos_id, tokenizer=ctx.lm.tokenizer
   )
   metric = analysis.logit_difference(correct, wrong)
+  ctx.patching_pair = (clean, corrupted, metric)
   pieces = ctx.piece_list(clean)
   ctx.report.heading("Activation patching")
   ctx.report.text(
@@ -285,6 +291,7 @@ def _patching(ctx: TourContext) -> None:
     result = analysis.patching_sweep(
       ctx.model, clean, corrupted, metric, site=site, by=by, progress=False
     )
+    ctx.sweeps[site, by] = result
     cols = pieces if by == "position" else list(range(result.scores.shape[1]))
     ctx.heatmap(
       f"patching_{site.replace('.', '_')}",
@@ -310,6 +317,7 @@ SECTIONS: dict[str, Callable[[TourContext], None]] = {
   "neurons": _neurons,
   "attention": _attention,
   "activation patching": _patching,
+  "attribution patching": attribution_section,
 }
 
 

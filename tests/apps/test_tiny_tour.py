@@ -62,6 +62,19 @@ def test_tour_on_the_embedded_model_finds_its_induction_head(lm, tmp_path):
   coherent = [int(n) >= 0.5 * int(total) for n, total in counts]
   assert sum(coherent) >= sae_section.SHOWN_FEATURES - 1, counts
 
+  # Attribution patching beside the exact sweeps, and their agreement.
+  agree = re.findall(
+    r"([\w.]+) +by (\w+) +Spearman ([-\d.]+) +top-5 in top-10 (\d+)%", report
+  )
+  assert {(site, by) for site, by, _, _ in agree} == {
+    ("resid_post", "position"),
+    ("attn.out", "position"),
+    ("mlp.out", "position"),
+    ("attn.z", "head"),
+  }
+  assert all(float(rho) >= 0.8 and int(recall) == 100 for _, _, rho, recall in agree)
+  assert (tmp_path / "attribution_attn_z.png").exists()
+
 
 def test_random_corpus_tokens_are_not_coherent(lm):
   """Negative control for the coherence count: ten random positions of the

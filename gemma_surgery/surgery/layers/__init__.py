@@ -12,4 +12,5 @@ them) and is a ``@pz.pytree_dataclass`` whose array fields are leaves
 * `ablate`: `Ablate`, `Patch`.
 * `attention`: `KnockOutHeads`, `OverridePattern`, `RescalePattern`.
 * `neurons`: `NeuronScale`.
+* `tap`: `GradientTap` (differentiable additive taps for attribution).
 """

@@ -1,0 +1,292 @@
+"""Attribution patching: gradient estimates of activation-patching sweeps.
+
+`attribution_patching` estimates, for every ``(layer, position)`` or
+``(layer, head)`` of a site, the effect on a metric of patching the clean
+activation into the corrupted run — the quantity `patching_sweep` measures
+exactly with one forward per patch — from one forward and backward:
+
+* ``method="atp"`` (Nanda 2023; Kramár et al. 2024): ``(a_clean − a_corrupt) ·
+  dM/da`` at the corrupted run, summed over the piece's other axes.
+* ``method="atp*"``: AtP with the QK fix of Kramár et al. (2024) at the query
+  and key sites (``attn.q``, ``attn.k``): the change of the attention pattern
+  is computed exactly (through the model's own scoring, soft cap, mask and
+  softmax) and only the rest of the network is linearised, which repairs
+  AtP's failures where the softmax saturates. Elsewhere it equals AtP.
+* ``method="ig"``: integrated gradients along the straight line from the
+  corrupted to the clean activation of each layer (all of the layer's
+  positions together), ``steps`` midpoint-rule points vmapped into one call
+  per layer. The attributions of a layer sum to the exact effect of patching
+  the whole layer (completeness) as ``steps`` grows.
+
+Scores are effects (``metric(patched) − metric(corrupted)``, mean over the
+batch); ``result.scores`` adds the corrupted metric back to line up with
+`PatchingResult.scores`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemma_surgery import errors
+from gemma_surgery.analysis import gradients, qk_fix
+from gemma_surgery.analysis.named import LAYER, NamedResult
+from gemma_surgery.analysis.patching import PatchingResult
+from gemma_surgery.generation.inputs import named_tokens
+from gemma_surgery.host import to_numpy
+from gemma_surgery.surgery import sites
+
+METHODS = ("atp", "atp*", "ig")
+BY = ("position", "head", "head_position")
+
+
+def _axes_of(by: str) -> tuple[str, ...]:
+  return {"position": ("seq",), "head": ("heads",), "head_position": ("seq", "heads")}[
+    by
+  ]
+
+
+def reduce_to(x: pz.nx.NamedArray, by: str) -> np.ndarray:
+  """Sums ``{batch, seq, ...}`` products to ``by``'s axes, mean over batch."""
+  keep = _axes_of(by)
+  drop = [a for a in x.named_shape if a not in keep]
+  total = pz.nx.nmap(jnp.sum)(x.untag(*drop)) / x.named_shape["batch"]
+  return to_numpy(total.unwrap(*keep))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionResult(NamedResult):
+  """Estimated effects of patching each clean piece into the corrupted run.
+
+  Attributes:
+    site: The site.
+    by: ``"position"``, ``"head"`` or ``"head_position"``.
+    method: ``"atp"``, ``"atp*"`` or ``"ig"``.
+    layers: Row labels: the layers.
+    effects: ``[layer, seq]``, ``[layer, heads]`` or ``[layer, seq, heads]``
+      estimated ``metric(patched) − metric(corrupted)``.
+    clean: Metric of the clean run (mean over the batch).
+    corrupted: Metric of the corrupted run (mean over the batch).
+  """
+
+  site: str
+  by: str
+  method: str
+  layers: list[int]
+  effects: np.ndarray
+  clean: float
+  corrupted: float
+
+  def axes(self) -> dict[str, tuple[str, ...]]:
+    """``{"effects": (layer, *by axes)}``."""
+    return {"effects": (LAYER, *_axes_of(self.by))}
+
+  @property
+  def scores(self) -> np.ndarray:
+    """``corrupted + effects``: estimates of `PatchingResult.scores`."""
+    return self.corrupted + self.effects
+
+  @property
+  def normalized(self) -> np.ndarray:
+    """``effects / (clean − corrupted)``: 1 = fully restored."""
+    span = self.clean - self.corrupted
+    if span == 0:
+      raise errors.InputError("Clean and corrupted metrics are equal.")
+    return self.effects / span
+
+  def agreement(self, exact: PatchingResult, k: int = 5) -> dict[str, float]:
+    """How well these estimates rank an exact sweep's pieces.
+
+    Returns:
+      ``spearman`` (rank correlation of effects), ``top_k_recall`` (share of
+      the exact top ``k`` by |effect| found in the estimate's top ``2k``) and
+      ``mean_abs_error`` of the effects.
+
+    Raises:
+      InputError: A sweep of another site, grouping or shape.
+    """
+    if (exact.site, exact.by) != (self.site, self.by) or (
+      exact.scores.shape != self.effects.shape
+    ):
+      raise errors.InputError(
+        f"Compare like with like: this is {self.site} by {self.by}"
+        f" {self.effects.shape}, the sweep {exact.site} by {exact.by}"
+        f" {exact.scores.shape}."
+      )
+    true = (exact.scores - exact.corrupted).reshape(-1)
+    est = self.effects.reshape(-1)
+    return {
+      "spearman": spearman(true, est),
+      "top_k_recall": top_k_recall(true, est, k),
+      "mean_abs_error": float(np.abs(true - est).mean()),
+    }
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x))
+  ranks[order] = np.arange(len(x))
+  for value in np.unique(x):  # ties share their mean rank
+    tied = x == value
+    ranks[tied] = ranks[tied].mean()
+  return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman rank correlation of two 1-D arrays (ties: mean ranks)."""
+  ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+  ra, rb = ra - ra.mean(), rb - rb.mean()
+  denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+  return float((ra * rb).sum() / denom) if denom else 0.0
+
+
+def top_k_recall(true: np.ndarray, est: np.ndarray, k: int = 5) -> float:
+  """Share of ``true``'s top ``k`` by magnitude in ``est``'s top ``2k``."""
+  top = set(np.argsort(-np.abs(true))[:k])
+  found = set(np.argsort(-np.abs(est))[: 2 * k])
+  return len(top & found) / len(top)
+
+
+def _check(site: str, by: str, method: str, steps: int) -> None:
+  info = sites.site_info(site)
+  if not info.per_layer:
+    raise errors.SiteError(f"Attribution needs a per-layer site; {site!r} is global.")
+  if by not in BY:
+    raise errors.InputError(f"by={by!r}; valid: {', '.join(BY)}.")
+  if by != "position" and "heads" not in info.axes:
+    raise errors.SiteError(
+      f"by={by!r} needs a head site ({sorted(sites.HEAD_SITES)}); got {site!r}."
+    )
+  if method not in METHODS:
+    raise errors.InputError(f"method={method!r}; valid: {', '.join(METHODS)}.")
+  if method == "atp*" and site == "attn.k" and by == "head_position":
+    raise errors.InputError(qk_fix.UNSUPPORTED)
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise errors.InputError(f"steps={steps!r} must be a positive int.")
+
+
+def attribution_patching(
+  model: Any,
+  clean: Any,
+  corrupted: Any,
+  metric: gradients.Metric,
+  *,
+  site: str = "resid_pre",
+  by: str = "position",
+  layers: Any = None,
+  method: str = "atp",
+  steps: int = 16,
+  tokenizer: Any = None,
+) -> AttributionResult:
+  """Estimates a patching sweep (clean into corrupted) from gradients.
+
+  Args:
+    model: A Penzai transformer LM (not modified).
+    clean: Clean prompt(s), ``[batch, seq]`` ids (or strings with a tokenizer).
+    corrupted: Corrupted prompt(s) of the same shape.
+    metric: ``logits -> [batch]`` (see `gradients`).
+    site: Any per-layer site.
+    by: ``"position"`` (per layer × position), ``"head"`` (per layer × head,
+      all positions; head sites) or ``"head_position"`` (both).
+    layers: Layers (None: all).
+    method: ``"atp"``, ``"atp*"`` or ``"ig"`` (see the module doc).
+    steps: Interpolation points of ``"ig"``.
+    tokenizer: Needed for string prompts.
+
+  Returns:
+    An `AttributionResult`.
+
+  Raises:
+    SiteError: Unknown or global site, bad layers, head grouping at a site
+      without heads.
+    InputError: Unknown ``by``/``method``, bad ``steps``, prompts of
+      different shapes, a metric that doesn't return one value per row.
+  """
+  _check(site, by, method, steps)
+  chosen = sites.layer_indices(model, layers)
+  clean_ids, bad_ids = gradients.prompt_pair(model, clean, corrupted, tokenizer)
+  if bad_ids is None:
+    raise errors.InputError("Attribution patching needs a corrupted prompt.")
+  rows = clean_ids.shape[0]
+  tokens = named_tokens(np.concatenate([clean_ids, bad_ids]))
+  names = [site]
+  fix = method == "atp*" and site in qk_fix.QK_SITES
+  if fix:
+    names += [s for s in ("attn.q", "attn.k", "attn.pattern") if s != site]
+  prepared = gradients.Prepared(model, [(s, chosen) for s in names], tokens)
+  values, acts, grads = prepared.run(metric, rows, prepared.zeros(), tokens)
+  values = np.asarray(values)
+  got = {
+    key: (act, grad) for key, act, grad in zip(prepared.keys, acts, grads, strict=True)
+  }
+  effects = []
+  for layer in chosen:
+    act, grad = got[site, layer]
+    delta = _split(act, rows, 0) - _split(act, rows, 1)
+    if method == "ig":
+      grad = _integrated(prepared, metric, rows, tokens, (site, layer), delta, steps)
+    else:
+      grad = _split(grad, rows, 1)
+    if fix:
+      effects.append(_qk_effect(model, layer, site, by, got, rows))
+    else:
+      effects.append(reduce_to(delta * grad, by))
+  return AttributionResult(
+    site=site,
+    by=by,
+    method=method,
+    layers=chosen,
+    effects=np.stack(effects),
+    clean=float(values[:rows].mean()),
+    corrupted=float(values[rows:].mean()),
+  )
+
+
+def _split(arr: pz.nx.NamedArray, rows: int, part: int) -> pz.nx.NamedArray:
+  return arr[{"batch": pz.slice[part * rows : (part + 1) * rows]}]
+
+
+def _qk_effect(model, layer, site, by, got, rows) -> np.ndarray:
+  parts = {
+    name: (_split(got[name, layer][0], rows, 0), _split(got[name, layer][0], rows, 1))
+    for name in ("attn.q", "attn.k")
+  }
+  pattern = _split(got["attn.pattern", layer][0], rows, 1)
+  grad = _split(got["attn.pattern", layer][1], rows, 1)
+  return qk_fix.pattern_effects(
+    model, layer, site, by, parts["attn.q"], parts["attn.k"], pattern, grad
+  )
+
+
+def _integrated(
+  prepared: gradients.Prepared,
+  metric: gradients.Metric,
+  rows: int,
+  tokens: pz.nx.NamedArray,
+  key: tuple[str, int],
+  delta: pz.nx.NamedArray,
+  steps: int,
+) -> pz.nx.NamedArray:
+  """Mean gradient at ``key`` along ``corrupted + alpha * delta`` (corrupted rows).
+
+  The ``steps`` points of the midpoint rule run as one vmapped call.
+  """
+  index = prepared.keys.index(key)
+  zeros = prepared.zeros()
+  clean_half = pz.nx.zeros(dict(delta.named_shape), delta.dtype)
+  full = pz.nx.concatenate([clean_half, delta], "batch")
+  order = tuple(full.named_shape)
+
+  def grad_at(alpha):
+    deltas = list(zeros)
+    deltas[index] = (full * alpha).astype(zeros[index].dtype)
+    return prepared.run(metric, rows, deltas, tokens)[2][index].unwrap(*order)
+
+  alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
+  mean = jax.vmap(grad_at)(alphas).mean(0)
+  return _split(pz.nx.wrap(mean).tag(*order), rows, 1)
