@@ -1,0 +1,17 @@
+"""Circuit tracing: replacement models and attribution graphs.
+
+    tcs = gs.sae.load_transcoders("tiny")        # or load_clt("tiny")
+    graph = gs.circuits.attribute(model, tcs, tokens)
+    pruned = gs.circuits.prune(graph)
+    gs.circuits.save_graph(graph, "out/graph.json", tokenizer=tok)
+
+A wing above ``analysis`` and ``sae`` (it needs both the model rewrites and
+the transcoders). Modules: `replacement` (frozen-attention replacement
+model), `graph` (attribution graphs), `prune` (influence pruning), `export`
+(circuit-tracer / Neuronpedia JSON), `interventions` (graph features in the
+real model).
+"""
+
+from gemma_surgery.circuits.replacement import Replacement, replacement_model
+
+__all__ = ["Replacement", "replacement_model"]
