@@ -161,10 +161,13 @@ def _logit_targets(logits: np.ndarray, max_n: int, desired: float) -> tuple:
   return order.astype(np.int64), probs[order].astype(np.float32)
 
 
-def _decoders(dictionary: Dictionary, features: np.ndarray, acts: np.ndarray, n: int):
+def _decoders(
+  dictionary: Dictionary, features: np.ndarray, acts: np.ndarray, n: int, dtype: Any
+) -> np.ndarray:
   """``[n_features, n_layers, d]``: activation × decoder row into each layer."""
   d = dictionary.info.d_model
-  out = np.zeros((len(features), n, d), np.float32)
+  out = np.zeros((len(features), n, d), dtype)
+  acts = acts.astype(dtype)
   for layer in range(n):
     rows = np.flatnonzero(features[:, 0] == layer)
     if not len(rows):
@@ -173,7 +176,7 @@ def _decoders(dictionary: Dictionary, features: np.ndarray, acts: np.ndarray, n:
       dec = dictionary.decoder(layer, target)
       if dec is None:
         continue
-      w = to_numpy(dec.unwrap("latents", "embedding"), np.float32)
+      w = to_numpy(dec.unwrap("latents", "embedding"), np.float32).astype(dtype)
       out[rows, target] = w[features[rows, 2]] * acts[rows, None]
   return out
 
@@ -279,24 +282,32 @@ def attribute_replacement(
   batch_size: int = 128,
   prompt: str | None = None,
   progress: bool = True,
+  dtype: Any = jnp.float32,
 ) -> Graph:
-  """`attribute` on an already built `Replacement`."""
+  """`attribute` on an already built `Replacement`.
+
+  ``dtype=jnp.float64`` (inside ``jax.enable_x64()``) computes
+  the edges in double precision (tests compare them with autodiff).
+  """
+  np_dtype = np.dtype(jnp.dtype(dtype).name)
   n, n_pos, d = rep.errors.shape
   vocab = rep.logits.shape[-1]
   features, acts = _active(rep, max_feature_nodes)
   logit_ids, logit_probs = _logit_targets(
     rep.logits[-1], max_n_logits, desired_logit_prob
   )
-  decoders = _decoders(rep.dictionary, features, acts, n)
   enc_cols = _encoder_columns(rep.dictionary, features)
   on_in, on_logits = cotangents(features, enc_cols, logit_ids, n, n_pos, vocab)
-  reads = linear_reads(rep)
-  embed0 = jnp.zeros((n_pos, d), jnp.float32)
-  _, vjp = jax.vjp(reads, embed0, jnp.asarray(rep.written))
+  reads = linear_reads(rep, dtype)
+  embed0 = jnp.zeros((n_pos, d), dtype)
+  _, vjp = jax.vjp(reads, embed0, jnp.asarray(rep.written, dtype))
+  on_in, on_logits = on_in.astype(np_dtype), on_logits.astype(np_dtype)
+  decoders = _decoders(rep.dictionary, features, acts, n, np_dtype)
+  embed, errs = rep.embed.astype(np_dtype), rep.errors.astype(np_dtype)
   backward = jax.jit(jax.vmap(lambda a, b: vjp((a, b))))
   n_f = len(features)
   size = n_f + n * n_pos + n_pos + len(logit_ids)
-  adjacency = np.zeros((size, size), np.float32)
+  adjacency = np.zeros((size, size), np_dtype)
   by_pos = [np.flatnonzero(features[:, 1] == p) for p in range(n_pos)]
   err_start, tok_start = n_f, n_f + n * n_pos
   targets = np.concatenate(
@@ -315,10 +326,10 @@ def attribute_replacement(
     g_mlp = np.asarray(g_mlp)[: stop - start]
     rows = targets[start:stop]
     adjacency[rows, tok_start : tok_start + n_pos] = np.einsum(
-      "tpd,pd->tp", g_embed, rep.embed
+      "tpd,pd->tp", g_embed, embed
     )
     adjacency[rows, err_start:tok_start] = np.einsum(
-      "tkpd,kpd->tkp", g_mlp, rep.errors
+      "tkpd,kpd->tkp", g_mlp, errs
     ).reshape(len(rows), -1)
     for p, idx in enumerate(by_pos):
       if len(idx):

@@ -10,7 +10,7 @@ live), and returns every layer's ``mlp.in`` and the last position's logits.
 With the recorded pattern and norm scales it is linear in ``(e, v)`` plus
 the embedding itself: ``jax.vjp`` of it gives the gradient of any target at
 every ``mlp.out`` and at the embedding, which is what attribution edges are
-made of. ``dtype=jnp.float64`` (inside ``jax.experimental.enable_x64()``)
+made of. ``dtype=jnp.float64`` (inside ``jax.enable_x64()``)
 runs it in double precision.
 """
 
