@@ -12,6 +12,21 @@ model), `graph` (attribution graphs), `prune` (influence pruning), `export`
 real model).
 """
 
+from gemma_surgery.circuits.export import graph_json, save_graph
+from gemma_surgery.circuits.graph import Graph, attribute, attribute_replacement
+from gemma_surgery.circuits.linear import linear_reads
+from gemma_surgery.circuits.prune import Pruned, prune
 from gemma_surgery.circuits.replacement import Replacement, replacement_model
 
-__all__ = ["Replacement", "replacement_model"]
+__all__ = [
+  "Graph",
+  "Pruned",
+  "Replacement",
+  "attribute",
+  "attribute_replacement",
+  "graph_json",
+  "linear_reads",
+  "prune",
+  "replacement_model",
+  "save_graph",
+]

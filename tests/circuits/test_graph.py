@@ -105,7 +105,6 @@ def _edge_reference(rep, graph):
   reads = linear_reads(rep, jnp.float64)
   feats0 = [jnp.asarray(f, jnp.float64) for f in rep.features]
   idx = graph.features
-  vocab = rep.logits.shape[-1]
 
   def targets(a, err_scale, tok_scale):
     feats = list(feats0)
