@@ -7,12 +7,11 @@ target's pre-activation)."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.circuits import random_clt, random_set, tiny
 from penzai import pz
 
 import gemma_surgery as gs
@@ -20,59 +19,8 @@ from gemma_surgery.circuits.graph import attribute_replacement
 from gemma_surgery.circuits.linear import linear_reads
 from gemma_surgery.circuits.replacement import AddInput, replacement_model
 from gemma_surgery.errors import InputError, SAEError
-from gemma_surgery.sae.autoencoders import SAEInfo, Transcoder
-from gemma_surgery.sae.clt import CLTInfo, CrossLayerTranscoder, TranscoderSet
+from gemma_surgery.sae.clt import TranscoderSet
 from gemma_surgery.surgery import sites
-
-D, F = 256, 24
-
-
-@functools.lru_cache(maxsize=1)
-def _tiny():
-  lm = gs.load("tiny")
-  return lm.model, lm.tokenizer
-
-
-def _random_set(seed: int, skip_layers=(0, 3)) -> TranscoderSet:
-  rng = np.random.default_rng(seed)
-  tcs = []
-  for i in range(6):
-    arrays = dict(
-      w_enc=rng.normal(size=(D, F)).astype(np.float32) * 0.15,
-      b_enc=rng.normal(size=F).astype(np.float32) * 0.1,
-      w_dec=rng.normal(size=(F, D)).astype(np.float32) * 0.2,
-      b_dec=rng.normal(size=D).astype(np.float32) * 0.1,
-      threshold=np.full(F, 0.8, np.float32),
-    )
-    if i in skip_layers:
-      arrays["w_skip"] = rng.normal(size=(D, D)).astype(np.float32) * 0.03
-    info = SAEInfo(
-      family="transcoder",
-      layer=i,
-      site="mlp.in",
-      out_site="mlp.out",
-      d_in=D,
-      width=F,
-      d_out=D,
-      source=f"rand{i}",
-    )
-    tcs.append(Transcoder.from_arrays(arrays, info))
-  return TranscoderSet.of(tcs, source="random")
-
-
-def _random_clt(seed: int) -> CrossLayerTranscoder:
-  rng = np.random.default_rng(seed)
-  n = 6
-  arrays = dict(
-    w_enc=rng.normal(size=(n, D, F)).astype(np.float32) * 0.15,
-    b_enc=rng.normal(size=(n, F)).astype(np.float32) * 0.1,
-    threshold=np.full((n, F), 0.8, np.float32),
-    w_dec=rng.normal(size=(n, F, n, D)).astype(np.float32) * 0.1,
-    b_dec=rng.normal(size=(n, D)).astype(np.float32) * 0.1,
-    w_skip=rng.normal(size=(n, D, D)).astype(np.float32) * 0.02,
-  )
-  info = CLTInfo(num_layers=n, d_model=D, width=F, source="random-clt")
-  return CrossLayerTranscoder.from_arrays(arrays, info)
 
 
 def _tokens(tok, text="The value is 3 and the value is"):
@@ -81,8 +29,8 @@ def _tokens(tok, text="The value is 3 and the value is"):
 
 @pytest.mark.parametrize("kind", ["transcoders", "clt"])
 def test_replacement_reproduces_logits(kind):
-  model, tok = _tiny()
-  dictionary = _random_set(0) if kind == "transcoders" else _random_clt(0)
+  model, tok = tiny()
+  dictionary = random_set(0) if kind == "transcoders" else random_clt(0)
   tokens = _tokens(tok)
   rep = replacement_model(model, dictionary, tokens)
   real = np.asarray(model(tokens).unwrap("batch", "seq", "vocabulary"))[0]
@@ -141,8 +89,8 @@ def _edge_reference(rep, graph):
 
 @pytest.mark.parametrize("kind", ["transcoders", "clt"])
 def test_edges_equal_frozen_jacobian_float64(kind):
-  model, tok = _tiny()
-  dictionary = _random_set(1) if kind == "transcoders" else _random_clt(1)
+  model, tok = tiny()
+  dictionary = random_set(1) if kind == "transcoders" else random_clt(1)
   tokens = _tokens(tok, "a b c a b")
   rep = replacement_model(model, dictionary, tokens)
   with jax.enable_x64():
@@ -181,9 +129,9 @@ def test_edges_equal_frozen_jacobian_float64(kind):
 def test_real_model_gradient_differs_from_frozen():
   """Negative control: the unfrozen model's embedding gradient is not the
   token edges (attention patterns and norms also depend on the input)."""
-  model, tok = _tiny()
+  model, tok = tiny()
   tokens = _tokens(tok, "a b c a b")
-  rep = replacement_model(model, _random_set(2), tokens)
+  rep = replacement_model(model, random_set(2), tokens)
   graph = attribute_replacement(rep, max_n_logits=1, progress=False)
   top = int(graph.logit_ids[0])
   n_pos, d = rep.embed.shape
@@ -207,9 +155,9 @@ def test_real_model_gradient_differs_from_frozen():
 
 
 def test_bad_inputs():
-  model, tok = _tiny()
+  model, tok = tiny()
   with pytest.raises(InputError, match="batch: 1"):
-    replacement_model(model, _random_set(0), gs.named_tokens([[2, 5], [2, 6]]))
-  small = TranscoderSet.of(list(_random_set(0).transcoders[:3]))
+    replacement_model(model, random_set(0), gs.named_tokens([[2, 5], [2, 6]]))
+  small = TranscoderSet.of(list(random_set(0).transcoders[:3]))
   with pytest.raises(SAEError, match="covers 3 layers"):
     replacement_model(model, small, _tokens(tok))
