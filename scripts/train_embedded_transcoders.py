@@ -57,10 +57,11 @@ TC_WIDTH = 384
 CLT_WIDTH = 96
 BATCH = 1024
 LR = 1e-3
-BANDWIDTH = 1e-3  # ε of the rectangle kernel (normalized units).
-THETA0 = 1e-3
-TC_LAMBDA = 4e-3  # λ: L0 penalty per token, normalized units.
-CLT_LAMBDA = 4e-3
+THETA_LR = 1e-2  # log θ moves faster: short CPU runs must reach a low L0.
+BANDWIDTH = 1e-2  # ε of the rectangle kernel (normalized units).
+THETA0 = 0.05
+TC_LAMBDA = 2e-2  # λ: L0 penalty per token and layer, normalized units.
+CLT_LAMBDA = 2e-2
 L0_LABEL = "small"
 MODEL_NAME = "gemma-surgery-tiny"
 
@@ -146,7 +147,14 @@ def forward(p: dict, x: jax.Array, clt: bool, causal: jax.Array) -> tuple:
 def train(x, y, width: int, clt: bool, steps: int, lam: float, seed: int) -> tuple:
   n, tokens, d = x.shape
   params = init(jax.random.key(seed), n, d, width, clt)
-  opt = optax.adam(optax.linear_schedule(0.0, LR, 200), b1=0.0, b2=0.999)
+  labels = {k: ("theta" if k == "log_theta" else "rest") for k in params}
+  opt = optax.multi_transform(
+    {
+      "rest": optax.adam(optax.linear_schedule(0.0, LR, 200), b1=0.0, b2=0.999),
+      "theta": optax.adam(optax.linear_schedule(0.0, THETA_LR, 200), b1=0.0, b2=0.999),
+    },
+    labels,
+  )
   state = opt.init(params)
   causal = jnp.asarray(np.triu(np.ones((n, n))), jnp.float32)
 
@@ -209,13 +217,23 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path, default=gs.assets.TINY_DIR)
   parser.add_argument("--steps", type=int, default=3000)
   parser.add_argument("--clt-steps", type=int, default=3000)
+  parser.add_argument("--only", choices=("transcoders", "clt"), default=None)
+  parser.add_argument(
+    "--cache", type=pathlib.Path, default=None, help="reuse captured activations (.npz)"
+  )
   args = parser.parse_args()
   start = time.time()
   lm = gs.load("tiny")
   model, tok = lm.model, lm.tokenizer
   rng = np.random.default_rng(SEED)
   data = rows(tok, rng)
-  x, y = activations(model, data)
+  if args.cache is not None and args.cache.is_file():
+    with np.load(args.cache) as saved:
+      x, y = saved["x"], saved["y"]
+  else:
+    x, y = activations(model, data)
+    if args.cache is not None:
+      np.savez(args.cache, x=x, y=y)
   n, tokens, d = x.shape
   sx = 1.0 / np.sqrt((x.astype(np.float64) ** 2).sum(-1).mean(-1))
   sy = 1.0 / np.sqrt((y.astype(np.float64) ** 2).sum(-1).mean(-1))
@@ -235,7 +253,14 @@ def main() -> None:
       tokens=int(tokens),
       train_tokens=int(cut),
     ),
-    recipe=dict(batch=BATCH, lr=LR, bandwidth=BANDWIDTH, theta0=THETA0, adam_b1=0.0),
+    recipe=dict(
+      batch=BATCH,
+      lr=LR,
+      theta_lr=THETA_LR,
+      bandwidth=BANDWIDTH,
+      theta0=THETA0,
+      adam_b1=0.0,
+    ),
   )
   out = pathlib.Path(args.out)
   for clt, width, steps, lam in (

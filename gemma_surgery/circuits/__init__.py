@@ -14,12 +14,26 @@ real model).
 
 from gemma_surgery.circuits.export import graph_json, save_graph
 from gemma_surgery.circuits.graph import Graph, attribute, attribute_replacement
+from gemma_surgery.circuits.interventions import (
+  InterventionResult,
+  edit_features,
+  intervene,
+  predict,
+  top_feature_nodes,
+)
 from gemma_surgery.circuits.linear import linear_reads
 from gemma_surgery.circuits.prune import Pruned, prune
 from gemma_surgery.circuits.replacement import Replacement, replacement_model
+from gemma_surgery.circuits.trace import trace_prompt
 
 __all__ = [
   "Graph",
+  "InterventionResult",
+  "edit_features",
+  "intervene",
+  "predict",
+  "top_feature_nodes",
+  "trace_prompt",
   "Pruned",
   "Replacement",
   "attribute",

@@ -278,7 +278,9 @@ def load_transcoders(
   Args:
     source: ``"tiny"``, a local ``transcoder_all`` folder, or a Hugging Face
       repo id (with ``path``, ``width``, ``l0`` and ``num_layers``).
-    path: The family folder in the repo (``transcoder_all``).
+    path: The family folder in the repo (``transcoder_all``), or the family
+      and variant (``transcoder_all/width_16k_l0_small[_affine]``) instead of
+      ``width``/``l0``/``affine``.
     width: Width label (``16k``). l0: L0 label (``small``/``big``).
     affine: The ``_affine`` variant.
     num_layers: Layers to fetch from the Hub (``layer_0`` .. ``n-1``).
@@ -290,6 +292,11 @@ def load_transcoders(
   """
   variant = _variant(width, l0, affine)
   if path is not None:
+    family, _, last = path.strip("/").rpartition("/")
+    if (
+      last.startswith("width_") and variant is None
+    ):  # "transcoder_all/width_16k_l0_small"
+      path, variant = family, last
     if variant is None or num_layers is None:
       raise SAEError("From the Hub pass width=, l0= and num_layers=.")
     rel = path.strip("/")
