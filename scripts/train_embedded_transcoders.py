@@ -24,7 +24,7 @@ and ``manifest.json`` gains a ``circuits`` section (recipe, seeds, eval
 fraction of variance unexplained and L0 per layer) and the new files'
 SHA-256. Usage::
 
-  python scripts/train_embedded_transcoders.py            # ~5 min on 2 CPUs
+  python scripts/train_embedded_transcoders.py            # ~25 min on 2 busy CPUs
   python scripts/train_embedded_transcoders.py --steps 50 --out /tmp/t  # smoke
 """
 
@@ -60,8 +60,8 @@ LR = 1e-3
 THETA_LR = 1e-2  # log θ moves faster: short CPU runs must reach a low L0.
 BANDWIDTH = 1e-2  # ε of the rectangle kernel (normalized units).
 THETA0 = 0.05
-TC_LAMBDA = 2e-2  # λ: L0 penalty per token and layer, normalized units.
-CLT_LAMBDA = 2e-2
+TC_LAMBDA = 8e-3  # λ: L0 penalty per token and layer, normalized units.
+CLT_LAMBDA = 8e-3
 L0_LABEL = "small"
 MODEL_NAME = "gemma-surgery-tiny"
 
@@ -215,8 +215,8 @@ def sha256(path: pathlib.Path) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=gs.assets.TINY_DIR)
-  parser.add_argument("--steps", type=int, default=3000)
-  parser.add_argument("--clt-steps", type=int, default=3000)
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--clt-steps", type=int, default=2000)
   parser.add_argument("--only", choices=("transcoders", "clt"), default=None)
   parser.add_argument(
     "--cache", type=pathlib.Path, default=None, help="reuse captured activations (.npz)"
@@ -267,6 +267,8 @@ def main() -> None:
     (False, TC_WIDTH, args.steps, TC_LAMBDA),
     (True, CLT_WIDTH, args.clt_steps, CLT_LAMBDA),
   ):
+    if args.only is not None and args.only != ("clt" if clt else "transcoders"):
+      continue
     params, causal = train(xn[:, tr], yn[:, tr], width, clt, steps, lam, SEED)
     metrics = evaluate(params, xn[:, ev], yn[:, ev], clt, causal)
     arrays = folded(params, sx, sy, clt)

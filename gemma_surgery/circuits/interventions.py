@@ -35,6 +35,7 @@ from gemma_surgery.sae.autoencoders import contract
 from gemma_surgery.sae.clt import Dictionary
 from gemma_surgery.surgery import sites
 from gemma_surgery.surgery.layers import base
+from gemma_surgery.surgery.run import jit_forward
 
 _LABELS = itertools.count()
 
@@ -165,11 +166,22 @@ class InterventionResult:
   scale: float
 
 
-def top_feature_nodes(graph: Graph, logit_id: int, k: int = 5) -> list[int]:
-  """The ``k`` feature nodes with the largest |direct edge| to the logit."""
+def top_feature_nodes(
+  graph: Graph, logit_id: int, k: int = 5, sign: str = "positive"
+) -> list[int]:
+  """The ``k`` feature nodes with the largest direct edges to the logit.
+
+  Args:
+    sign: ``"positive"`` (the features that promote it, largest first),
+      ``"negative"`` (those that suppress it) or ``"abs"`` (either).
+  """
   row = graph.adjacency[graph.logit_node(logit_id), : graph.n_features]
-  order = np.argsort(-np.abs(row), kind="stable")[:k]
-  return [int(i) for i in order if row[i] != 0]
+  keys = {"positive": -row, "negative": row, "abs": -np.abs(row)}
+  if sign not in keys:
+    raise errors.InputError(f"sign={sign!r}; valid: {sorted(keys)}.")
+  order = np.argsort(keys[sign], kind="stable")[:k]
+  keep = {"positive": row > 0, "negative": row < 0, "abs": row != 0}[sign]
+  return [int(i) for i in order if keep[i]]
 
 
 def predict(graph: Graph, nodes: list[int], logit_id: int, scale: float) -> tuple:
@@ -217,7 +229,8 @@ def intervene(
   predicted, direct = predict(graph, nodes, logit_id, scale)
   seq = tokens.named_shape["seq"]
   edited = edit_features(model, dictionary, graph.features[list(nodes)], scale, seq)
-  real = _demeaned(edited(tokens), logit_id) - _demeaned(model(tokens), logit_id)
+  before = _demeaned(jit_forward(model)(tokens), logit_id)
+  real = _demeaned(jit_forward(edited)(tokens), logit_id) - before
   return InterventionResult(
     logit_id=int(logit_id),
     predicted=predicted,

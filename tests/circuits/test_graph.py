@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.circuits import random_clt, random_set, tiny
+from helpers.circuits import random_set, tiny, traced
 from penzai import pz
 
 import gemma_surgery as gs
@@ -29,10 +29,7 @@ def _tokens(tok, text="The value is 3 and the value is"):
 
 @pytest.mark.parametrize("kind", ["transcoders", "clt"])
 def test_replacement_reproduces_logits(kind):
-  model, tok = tiny()
-  dictionary = random_set(0) if kind == "transcoders" else random_clt(0)
-  tokens = _tokens(tok)
-  rep = replacement_model(model, dictionary, tokens)
+  model, _, _, tokens, rep, _ = traced(kind)
   real = np.asarray(model(tokens).unwrap("batch", "seq", "vocabulary"))[0]
   got = np.asarray(rep.model(tokens).unwrap("batch", "seq", "vocabulary"))[0]
   np.testing.assert_allclose(got, real, atol=1e-4, rtol=0)
@@ -89,10 +86,7 @@ def _edge_reference(rep, graph):
 
 @pytest.mark.parametrize("kind", ["transcoders", "clt"])
 def test_edges_equal_frozen_jacobian_float64(kind):
-  model, tok = tiny()
-  dictionary = random_set(1) if kind == "transcoders" else random_clt(1)
-  tokens = _tokens(tok, "a b c a b")
-  rep = replacement_model(model, dictionary, tokens)
+  _, _, _, _, rep, _ = traced(kind)
   with jax.enable_x64():
     graph = attribute_replacement(
       rep, max_n_logits=3, max_feature_nodes=40, progress=False, dtype=jnp.float64
@@ -129,10 +123,7 @@ def test_edges_equal_frozen_jacobian_float64(kind):
 def test_real_model_gradient_differs_from_frozen():
   """Negative control: the unfrozen model's embedding gradient is not the
   token edges (attention patterns and norms also depend on the input)."""
-  model, tok = tiny()
-  tokens = _tokens(tok, "a b c a b")
-  rep = replacement_model(model, random_set(2), tokens)
-  graph = attribute_replacement(rep, max_n_logits=1, progress=False)
+  model, _, _, tokens, rep, graph = traced("transcoders")
   top = int(graph.logit_ids[0])
   n_pos, d = rep.embed.shape
 

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.circuits import random_clt, random_set, tiny
+from helpers.circuits import traced
 
-import gemma_surgery as gs
-from gemma_surgery.circuits.graph import attribute_replacement
 from gemma_surgery.circuits.interventions import (
   edit_features,
   intervene,
   predict,
   top_feature_nodes,
 )
-from gemma_surgery.circuits.replacement import replacement_model
 from gemma_surgery.errors import InputError
 
 
@@ -27,11 +24,7 @@ def _last(logits, v):
 def test_edit_in_frozen_replacement_is_the_direct_prediction(kind):
   """In the frozen replacement, editing features of one layer changes the
   logit by exactly the graph's direct prediction (downstream is constant)."""
-  model, tok = tiny()
-  dictionary = random_set(3) if kind == "transcoders" else random_clt(3)
-  tokens = gs.named_tokens([tok.encode("x y z x y")])
-  rep = replacement_model(model, dictionary, tokens)
-  graph = attribute_replacement(rep, max_n_logits=2, progress=False)
+  _, _, dictionary, tokens, rep, graph = traced(kind)
   v = int(graph.logit_ids[0])
   layer = int(graph.features[top_feature_nodes(graph, v, 1)[0], 0])
   nodes = [i for i in top_feature_nodes(graph, v, 40) if graph.features[i, 0] == layer][
@@ -47,11 +40,7 @@ def test_edit_in_frozen_replacement_is_the_direct_prediction(kind):
 
 
 def test_real_model_intervention_runs_and_scale_one_is_a_no_op():
-  model, tok = tiny()
-  dictionary = random_set(4)
-  tokens = gs.named_tokens([tok.encode("x y z x y")])
-  rep = replacement_model(model, dictionary, tokens)
-  graph = attribute_replacement(rep, max_n_logits=2, progress=False)
+  model, _, dictionary, tokens, rep, graph = traced("transcoders")
   v = int(graph.logit_ids[0])
   nodes = top_feature_nodes(graph, v, 3)
   same = intervene(model, dictionary, tokens, graph, nodes, v, scale=1.0)

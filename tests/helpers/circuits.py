@@ -59,3 +59,18 @@ def random_clt(seed: int) -> CrossLayerTranscoder:
   )
   info = CLTInfo(num_layers=n, d_model=D, width=F, source="random-clt")
   return CrossLayerTranscoder.from_arrays(arrays, info)
+
+
+@functools.lru_cache(maxsize=4)
+def traced(kind: str, seed: int = 1, text: str = "a b c a b"):
+  """``(model, tok, dictionary, tokens, rep, graph)`` for a random dictionary
+  (cached: the compiles dominate these tests' time)."""
+  from gemma_surgery.circuits.graph import attribute_replacement
+  from gemma_surgery.circuits.replacement import replacement_model
+
+  model, tok = tiny()
+  dictionary = random_set(seed) if kind == "transcoders" else random_clt(seed)
+  tokens = gs.named_tokens([tok.encode(text)])
+  rep = replacement_model(model, dictionary, tokens)
+  graph = attribute_replacement(rep, max_n_logits=3, progress=False)
+  return model, tok, dictionary, tokens, rep, graph
