@@ -45,7 +45,11 @@ from tqdm.auto import tqdm
 import gemma_surgery as gs
 from gemma_surgery.sae.autoencoders import SAEInfo, Transcoder
 from gemma_surgery.sae.clt import CLTInfo, CrossLayerTranscoder
-from gemma_surgery.sae.clt_files import save_clt_gemma_scope_2
+from gemma_surgery.sae.clt_files import (
+  load_clt,
+  load_transcoders,
+  save_clt_gemma_scope_2,
+)
 from gemma_surgery.sae.train import jumprelu, step
 
 SEED = 0
@@ -219,6 +223,9 @@ def main() -> None:
   parser.add_argument("--clt-steps", type=int, default=2000)
   parser.add_argument("--only", choices=("transcoders", "clt"), default=None)
   parser.add_argument(
+    "--reuse", action="store_true", help="evaluate files already in --out, no training"
+  )
+  parser.add_argument(
     "--cache", type=pathlib.Path, default=None, help="reuse captured activations (.npz)"
   )
   args = parser.parse_args()
@@ -269,22 +276,16 @@ def main() -> None:
   ):
     if args.only is not None and args.only != ("clt" if clt else "transcoders"):
       continue
-    params, causal = train(xn[:, tr], yn[:, tr], width, clt, steps, lam, SEED)
-    metrics = evaluate(params, xn[:, ev], yn[:, ev], clt, causal)
-    arrays = folded(params, sx, sy, clt)
     if clt:
-      info = CLTInfo(num_layers=n, d_model=d, width=width, source="tiny-clt")
       folder = out / "clt" / f"width_{width}_l0_{L0_LABEL}"
-      save_clt_gemma_scope_2(
-        CrossLayerTranscoder.from_arrays(arrays, info),
-        folder,
-        l0=L0_LABEL,
-        model_name=MODEL_NAME,
-      )
     else:
-      for i in range(n):
-        folder = out / "transcoder_all" / f"layer_{i}_width_{width}_l0_{L0_LABEL}"
-        write_transcoder({k: v[i] for k, v in arrays.items()}, folder, i, width)
+      folder = out / "transcoder_all"
+    if not (args.reuse and folder.is_dir()):
+      params, _ = train(xn[:, tr], yn[:, tr], width, clt, steps, lam, SEED)
+      write(folded(params, sx, sy, clt), folder, clt, n, d, width)
+    # Evaluated from the written files, on raw activations (FVU and L0 do
+    # not depend on the normalization), which also checks the folding.
+    metrics = evaluate_files(folder, clt, x[:, ev], y[:, ev])
     report["clt" if clt else "transcoders"] = dict(
       width=width, steps=steps, sparsity_coefficient=lam, eval=metrics
     )
@@ -293,7 +294,8 @@ def main() -> None:
   manifest_path = out / "manifest.json"
   if manifest_path.is_file():
     manifest = json.loads(manifest_path.read_text())
-    manifest["circuits"] = report
+    old = manifest.get("circuits", {})
+    manifest["circuits"] = {**old, **report}
     for path in sorted((out / "transcoder_all").rglob("*")) + sorted(
       (out / "clt").rglob("*")
     ):
@@ -302,6 +304,48 @@ def main() -> None:
         manifest["files"][rel] = dict(sha256=sha256(path), bytes=path.stat().st_size)
     gs.atomic.write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
   print(json.dumps(report, indent=1))
+
+
+def write(arrays: dict, folder: pathlib.Path, clt: bool, n: int, d: int, width: int):
+  if clt:
+    info = CLTInfo(num_layers=n, d_model=d, width=width, source="tiny-clt")
+    clt_layer = CrossLayerTranscoder.from_arrays(arrays, info)
+    save_clt_gemma_scope_2(clt_layer, folder, l0=L0_LABEL, model_name=MODEL_NAME)
+    return
+  for i in range(n):
+    sub = folder / f"layer_{i}_width_{width}_l0_{L0_LABEL}"
+    write_transcoder({k: v[i] for k, v in arrays.items()}, sub, i, width)
+
+
+def evaluate_files(
+  folder: pathlib.Path, clt: bool, x: np.ndarray, y: np.ndarray
+) -> dict:
+  """FVU and L0 per layer of the written dictionary on raw activations."""
+  from penzai import pz
+
+  dictionary = (load_clt if clt else load_transcoders)(folder)
+  n = x.shape[0]
+  named = pz.nx.wrap(jnp.asarray(x)).tag("layer", "tokens", "embedding")
+  pred = np.asarray(dictionary(named).unwrap("layer", "tokens", "embedding"))
+  l0 = [
+    float(
+      np.mean(
+        np.sum(
+          np.asarray(
+            dictionary.encode_layer(i, named[{"layer": i}]).unwrap("tokens", "latents")
+          )
+          > 0,
+          -1,
+        )
+      )
+    )
+    for i in range(n)
+  ]
+  resid = ((y - pred) ** 2).sum(-1).mean(-1)
+  var = ((y - y.mean(1, keepdims=True)) ** 2).sum(-1).mean(-1)
+  return dict(
+    fvu=[round(float(v), 4) for v in resid / var], l0=[round(v, 2) for v in l0]
+  )
 
 
 def write_transcoder(
