@@ -247,7 +247,10 @@ TRACING = [
     "print(graph.n_features, 'active features;', 'top logits:', tok.pieces(graph.logit_ids.tolist())[:3],"
     " 'expected:', tok.pieces([span[4]]))",
   ),
-  ("md", "## Prune by influence and view the graph (offline HTML; the JSON is Neuronpedia's format)"),
+  (
+    "md",
+    "## Prune by influence and view the graph (offline HTML; the JSON is Neuronpedia's format)",
+  ),
   (
     "code",
     "pruned = gs.circuits.prune(graph, node_threshold=0.8, edge_threshold=0.98)\n"
