@@ -184,16 +184,6 @@ def train(x, y, width: int, clt: bool, steps: int, lam: float, seed: int) -> tup
   return params, causal
 
 
-def evaluate(params, x, y, clt: bool, causal) -> dict:
-  pred, l0 = forward(params, jnp.asarray(x), clt, causal)
-  resid = np.asarray(((y - pred) ** 2).sum(-1).mean(-1))
-  var = ((y - y.mean(1, keepdims=True)) ** 2).sum(-1).mean(-1)
-  return dict(
-    fvu=[round(float(v), 4) for v in resid / var],
-    l0=[round(float(v), 2) for v in np.asarray(l0)],
-  )
-
-
 def folded(params, sx: np.ndarray, sy: np.ndarray, clt: bool) -> dict:
   """Raw-activation weights: x_n = x·sx, y = y_n / sy."""
   p = {k: np.asarray(v, np.float32) for k, v in params.items()}
@@ -290,7 +280,8 @@ def main() -> None:
       width=width, steps=steps, sparsity_coefficient=lam, eval=metrics
     )
     print("clt" if clt else "transcoders", metrics)
-  report["minutes"] = round((time.time() - start) / 60, 2)
+  if not args.reuse:
+    report["minutes"] = round((time.time() - start) / 60, 2)
   manifest_path = out / "manifest.json"
   if manifest_path.is_file():
     manifest = json.loads(manifest_path.read_text())
