@@ -9,7 +9,8 @@
    length (compiled).
 2. The mid-size config (`configs.MID`, random weights; Gemma 2, so its final
    logit soft cap is linearized at the prompt) with random transcoders of
-   width 2048 (θ set so that ~30 latents fire per token).
+   width 2048 (θ set so that ~30 latents fire per token), the graph capped
+   at the 2048 most active features (``max_feature_nodes``).
 
 circuit-tracer is not run here (see BENCHMARKS.md). Run: ``python
 bench/circuits.py``.
@@ -18,6 +19,7 @@ bench/circuits.py``.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
@@ -36,11 +38,11 @@ def prompt(seed: int, vocab: int, first: int = 262):
   return gs.named_tokens([[2, *span, *span[:31]]])
 
 
-def timed(model, dictionary, tokens) -> tuple[float, float, int]:
+def timed(model, dictionary, tokens, cap=None) -> tuple[float, float, int]:
   start = time.perf_counter()
   rep = replacement_model(model, dictionary, tokens)
   mid = time.perf_counter()
-  graph = attribute_replacement(rep, progress=False)
+  graph = attribute_replacement(rep, progress=False, max_feature_nodes=cap)
   end = time.perf_counter()
   return mid - start, end - mid, graph.n_features
 
@@ -61,9 +63,9 @@ def random_transcoders(d: int, n: int, width: int, seed: int = 0) -> TranscoderS
   return TranscoderSet.of(tcs, source="random")
 
 
-def report(name: str, model, dictionary, vocab: int) -> None:
-  first = timed(model, dictionary, prompt(0, vocab))
-  again = timed(model, dictionary, prompt(1, vocab))
+def report(name: str, model, dictionary, vocab: int, cap=None) -> None:
+  first = timed(model, dictionary, prompt(0, vocab), cap)
+  again = timed(model, dictionary, prompt(1, vocab), cap)
   print(
     f"{name}: {first[2]} / {again[2]} active features;"
     f" replacement {first[0]:.2f}s first, {again[0]:.2f}s again;"
@@ -74,11 +76,12 @@ def report(name: str, model, dictionary, vocab: int) -> None:
 def main() -> None:
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, load {os.getloadavg()}")
   lm = gs.load("tiny")
-  report("tiny + transcoders", lm.model, gs.sae.load_transcoders("tiny"), 4096)
-  report("tiny + CLT", lm.model, gs.sae.load_clt("tiny"), 4096)
+  if "--mid-only" not in sys.argv:
+    report("tiny + transcoders", lm.model, gs.sae.load_transcoders("tiny"), 4096)
+    report("tiny + CLT", lm.model, gs.sae.load_clt("tiny"), 4096)
   mid = gs.build_model(MID, init_base_rng=jax.random.key(0))
   tcs = random_transcoders(MID.embedding_dim, MID.num_layers, 2048)
-  report("mid-size + random transcoders", mid, tcs, MID.vocab_size)
+  report("mid-size + random transcoders (2048 nodes)", mid, tcs, MID.vocab_size, 2048)
   print(f"load after: {os.getloadavg()}")
 
 

@@ -206,25 +206,33 @@ def _active(rep: Replacement, max_feature_nodes: int | None) -> tuple:
 
 
 def cotangents(
+  indices: np.ndarray,
   graph_features: np.ndarray,
   enc_cols: np.ndarray,
   logit_ids: np.ndarray,
   n_layers: int,
   n_pos: int,
   vocab: int,
+  dtype: Any = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Per target: ``[T, L, seq, d]`` on ``mlp.in`` and ``[T, vocab]`` on logits.
+  """For targets ``indices`` (features first, then logits): ``[T, L, seq, d]``
+  on ``mlp.in`` and ``[T, vocab]`` on the last logits (one batch at a time:
+  all targets at once would not fit for large prompts).
 
   Feature targets read ``mlp.in[l, p] · W_enc[:, i]``; logit targets read
   ``logit_v − mean(logits)``.
   """
   n_f, d = enc_cols.shape
-  t = n_f + len(logit_ids)
-  on_in = np.zeros((t, n_layers, n_pos, d), np.float32)
-  on_in[np.arange(n_f), graph_features[:, 0], graph_features[:, 1]] = enc_cols
-  on_logits = np.zeros((t, vocab), np.float32)
-  on_logits[n_f:] = -1.0 / vocab
-  on_logits[n_f + np.arange(len(logit_ids)), logit_ids] += 1.0
+  t = len(indices)
+  on_in = np.zeros((t, n_layers, n_pos, d), dtype)
+  on_logits = np.zeros((t, vocab), dtype)
+  feat = indices < n_f
+  rows = np.flatnonzero(feat)
+  f = graph_features[indices[feat]]
+  on_in[rows, f[:, 0], f[:, 1]] = enc_cols[indices[feat]]
+  rows = np.flatnonzero(~feat)
+  on_logits[rows] = -1.0 / vocab
+  on_logits[rows, logit_ids[indices[~feat] - n_f]] += 1.0
   return on_in, on_logits
 
 
@@ -297,11 +305,9 @@ def attribute_replacement(
     rep.logits[-1], max_n_logits, desired_logit_prob
   )
   enc_cols = _encoder_columns(rep.dictionary, features)
-  on_in, on_logits = cotangents(features, enc_cols, logit_ids, n, n_pos, vocab)
   reads = linear_reads(rep, dtype)
   embed0 = jnp.zeros((n_pos, d), dtype)
   _, vjp = jax.vjp(reads, embed0, jnp.asarray(rep.written, dtype))
-  on_in, on_logits = on_in.astype(np_dtype), on_logits.astype(np_dtype)
   decoders = _decoders(rep.dictionary, features, acts, n, np_dtype)
   embed, errs = rep.embed.astype(np_dtype), rep.errors.astype(np_dtype)
   backward = jax.jit(jax.vmap(lambda a, b: vjp((a, b))))
@@ -316,7 +322,8 @@ def attribute_replacement(
   starts = range(0, len(targets), batch_size)
   for start in tqdm(starts, desc="attribution", disable=not progress):
     stop = min(start + batch_size, len(targets))
-    a, b = on_in[start:stop], on_logits[start:stop]
+    which = np.arange(start, stop)
+    a, b = cotangents(which, features, enc_cols, logit_ids, n, n_pos, vocab, np_dtype)
     pad = batch_size - (stop - start)
     if pad:  # Fixed batch shape: one compile.
       a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
