@@ -6,6 +6,7 @@ The curated public API. Everything here is documented in the README.
 from gemma_surgery import (
   analysis,
   assets,
+  circuits,
   errors,
   generation,
   loading,
@@ -66,6 +67,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "analysis",
+  "circuits",
   "generation",
   "loading",
   "model",

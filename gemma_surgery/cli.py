@@ -4,6 +4,7 @@ Verbs:
   tour [--model M] [--sae S] [--out DIR]   every analysis → one HTML report
   generate SOURCE --prompt TEXT            a continuation (optionally steered)
   sae-features SOURCE --sae S --prompt T   the top SAE features of every token
+  trace SOURCE --prompt T [--out DIR]      attribution graph → JSON + HTML
   info SOURCE                              the model's architecture
 
 Every verb also runs on several processes (hosts), the same command on each:
@@ -24,12 +25,19 @@ import time
 import numpy as np
 
 from gemma_surgery import errors
+from gemma_surgery.circuits.trace import trace_prompt
 from gemma_surgery.generation.api import generate
 from gemma_surgery.generation.inputs import named_tokens
 from gemma_surgery.host import to_numpy
 from gemma_surgery.loading.api import load
 from gemma_surgery.parallel import distributed
-from gemma_surgery.sae import load_sae, shard_sae, splice_sae
+from gemma_surgery.sae import (
+  load_clt,
+  load_sae,
+  load_transcoders,
+  shard_sae,
+  splice_sae,
+)
 from gemma_surgery.sae.splice import check_fits
 from gemma_surgery.surgery import steer
 from gemma_surgery.surgery.run import jit_forward
@@ -180,6 +188,36 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
   )
   add_distributed(feats)
 
+  trace = verbs.add_parser(
+    "trace",
+    formatter_class=_Formatter,
+    help="attribution graph of a prompt: DIR/graph.json + DIR/graph.html",
+    description="Replace the MLPs by transcoders (or a CLT) with error nodes,"
+    " freeze attention and norms, attribute the top logits of the last token"
+    " to features, errors and tokens, prune by influence and write"
+    " circuit-tracer / Neuronpedia JSON plus an offline HTML view.",
+  )
+  add_model(trace)
+  trace.add_argument("--prompt", required=True)
+  trace.add_argument(
+    "--transcoders",
+    default="tiny",
+    help="'tiny', a local transcoder_all (or CLT) folder, or a Hub repo with"
+    " --transcoders-path",
+  )
+  trace.add_argument(
+    "--transcoders-path",
+    default=None,
+    help="folder inside the repo, e.g. transcoder_all/width_16k_l0_small or"
+    " clt/width_262k_l0_medium (with --clt)",
+  )
+  trace.add_argument("--clt", action="store_true", help="the transcoders are a CLT")
+  trace.add_argument("--out", default="gemma_surgery_trace", help="output folder")
+  trace.add_argument("--node-threshold", type=float, default=0.8)
+  trace.add_argument("--edge-threshold", type=float, default=0.98)
+  trace.add_argument("--max-logits", type=_positive_int, default=10)
+  add_distributed(trace)
+
   info = verbs.add_parser(
     "info", help="print the architecture", formatter_class=_Formatter
   )
@@ -213,6 +251,7 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     "sae-features": feats,
     "info": info,
     "serve": srv,
+    "trace": trace,
   }
 
 
@@ -388,6 +427,34 @@ def _tour(args) -> int:
   return 0
 
 
+def _trace(args) -> int:
+  for name in ("node_threshold", "edge_threshold"):
+    if not 0.0 <= getattr(args, name) <= 1.0:
+      flag = "--" + name.replace("_", "-")
+      raise errors.InputError(f"{flag} {getattr(args, name)} must be in [0, 1].")
+  check_out(args.out)
+  lm = _load(args)
+  _need_tokenizer(lm)
+  if args.clt:
+    dictionary = load_clt(args.transcoders, args.transcoders_path)
+  else:
+    dictionary = load_transcoders(
+      args.transcoders, args.transcoders_path, num_layers=lm.config.num_layers
+    )
+  graph, json_path, html_path = trace_prompt(
+    lm,
+    dictionary,
+    args.prompt,
+    args.out,
+    node_threshold=args.node_threshold,
+    edge_threshold=args.edge_threshold,
+    max_n_logits=args.max_logits,
+  )
+  print(f"{graph.n_features} active features, {graph.size} nodes")
+  print(f"wrote {json_path}\nwrote {html_path}")
+  return 0
+
+
 def _info(args) -> int:
   lm = _load(args)
   for key, value in lm.config.to_dict().items():
@@ -440,6 +507,7 @@ _VERBS = {
   "tour": _tour,
   "generate": _generate,
   "sae-features": _sae_features,
+  "trace": _trace,
   "info": _info,
   "serve": _serve,
 }

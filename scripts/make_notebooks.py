@@ -14,7 +14,12 @@ from __future__ import annotations
 import pathlib
 
 import nbformat
-from tutorials import activation_hacking, gemma_scope, induction_heads
+from tutorials import (
+  activation_hacking,
+  gemma_scope,
+  induction_heads,
+  tracing_a_circuit,
+)
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -36,6 +41,7 @@ NOTEBOOKS = {
   "activation_hacking.ipynb": activation_hacking.CELLS,
   "gemma_scope.ipynb": gemma_scope.CELLS,
   "induction_heads.ipynb": induction_heads.CELLS,
+  "tracing_a_circuit.ipynb": tracing_a_circuit.CELLS,
 }
 
 

@@ -13,6 +13,8 @@ Layout of `TINY_DIR`::
   config.json, model.safetensors, tokenizer.model   Hugging Face layout
   sae/resid_post/layer_L_width_W_l0_X/             Gemma Scope 2 layout
       params.safetensors, config.json
+  transcoder_all/layer_L_width_W_l0_X/              one transcoder per layer
+  clt/width_W_l0_X/params_layer_L.safetensors       cross-layer transcoder
   heldout.json                                      held-out documents
   manifest.json                                     recipe, metrics, SHA-256
 """
@@ -53,6 +55,28 @@ def tiny_sae_dir() -> pathlib.Path:
     raise CheckpointError(
       f"Expected one embedded SAE under {TINY_DIR / 'sae' / 'resid_post'};"
       f" found {[p.name for p in found]}."
+    )
+  return found[0]
+
+
+def tiny_transcoders_dir() -> pathlib.Path:
+  """The ``transcoder_all`` folder of the embedded transcoders (one per layer)."""
+  folder = tiny_dir() / "transcoder_all"
+  if not folder.is_dir():
+    raise CheckpointError(
+      f"The embedded transcoders are missing from {folder}; see"
+      " scripts/train_embedded_transcoders.py."
+    )
+  return folder
+
+
+def tiny_clt_dir() -> pathlib.Path:
+  """The folder of the embedded cross-layer transcoder (Gemma Scope 2 layout)."""
+  found = sorted((tiny_dir() / "clt").glob("width_*"))
+  if len(found) != 1:
+    raise CheckpointError(
+      f"Expected one embedded CLT under {TINY_DIR / 'clt'}; found"
+      f" {[p.name for p in found]} (see scripts/train_embedded_transcoders.py)."
     )
   return found[0]
 
@@ -101,6 +125,8 @@ __all__ = [
   "heldout_texts",
   "manifest",
   "pack_documents",
+  "tiny_clt_dir",
   "tiny_dir",
   "tiny_sae_dir",
+  "tiny_transcoders_dir",
 ]

@@ -10,11 +10,19 @@ Modules: `autoencoders` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
 `load` (reading Gemma Scope files; `files.save_gemma_scope_2` writes one),
 `hookpoints` (which site an SAE reads),
 `edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`,
-`train` (`train_jumprelu_sae`, Gemma Scope's JumpReLU recipe).
+`train` (`train_jumprelu_sae`, Gemma Scope's JumpReLU recipe), `clt` and
+`clt_files` (cross-layer transcoders and per-layer transcoder sets, Gemma
+Scope 2 layouts: `load_clt`, `load_transcoders`).
 """
 
 from gemma_surgery.sae import features, metrics
 from gemma_surgery.sae.autoencoders import AutoEncoder, JumpReLU, SAEInfo, Transcoder
+from gemma_surgery.sae.clt import CLTInfo, CrossLayerTranscoder, TranscoderSet
+from gemma_surgery.sae.clt_files import (
+  load_clt,
+  load_transcoders,
+  save_clt_gemma_scope_2,
+)
 from gemma_surgery.sae.edits import FeatureEdits, feature_edits
 from gemma_surgery.sae.evaluate import evaluate
 from gemma_surgery.sae.features import (
@@ -42,6 +50,12 @@ from gemma_surgery.sae.splice import (
 from gemma_surgery.sae.train import train_jumprelu_sae
 
 __all__ = [
+  "CLTInfo",
+  "CrossLayerTranscoder",
+  "TranscoderSet",
+  "load_clt",
+  "load_transcoders",
+  "save_clt_gemma_scope_2",
   "FEATURES_SITE",
   "Example",
   "evaluate",

@@ -219,7 +219,8 @@ def save_gemma_scope_2(
   """Writes ``params.safetensors`` + ``config.json`` in the Gemma Scope 2 layout.
 
   Args:
-    sae: The SAE (not a transcoder).
+    sae: The SAE or transcoder (a transcoder's ``info.hook_out`` names its
+      output hook; an affine one also writes ``affine_skip_connection``).
     folder: Output folder, conventionally ``<family>/layer_L_width_W_l0_X``
       (e.g. ``resid_post/layer_1_width_512_l0_medium``).
     l0: The L0 label written to ``config.json`` (``small``/``medium``/``big``).
@@ -244,15 +245,21 @@ def save_gemma_scope_2(
   arrays["threshold"] = to_numpy(
     sae.activation.threshold.value.unwrap("latents"), np.float32
   )
+  skip = getattr(sae, "w_skip", None)
+  if skip is not None:
+    arrays["affine_skip_connection"] = np.ascontiguousarray(
+      to_numpy(skip.value.unwrap("embedding", "embedding_out"), np.float32)
+    )
+  transcoder = sae.info.family == "transcoder"
   config = dict(
     hf_hook_point_in=sae.info.hook_in,
-    hf_hook_point_out=sae.info.hook_in,
+    hf_hook_point_out=(sae.info.hook_out if transcoder else None) or sae.info.hook_in,
     width=sae.info.width,
     l0=l0,
     model_name=model_name,
     architecture="jump_relu",
-    affine_connection=False,
-    type="sae",
+    affine_connection=skip is not None,
+    type="transcoder" if transcoder else "sae",
   )
   targets = (folder / "params.safetensors", folder / "config.json")
   with atomic.atomic_paths(*targets) as (params_tmp, config_tmp):

@@ -9,6 +9,7 @@ reference nothing on the network.
 
 from gemma_surgery.viz._html import HtmlView, display_token
 from gemma_surgery.viz.attention import attention_view
+from gemma_surgery.viz.graph import graph_view
 from gemma_surgery.viz.heatmap import Heatmap, heatmap
 from gemma_surgery.viz.lens import logit_lens_table
 from gemma_surgery.viz.neurons import neuron_buckets, neuron_strip
@@ -24,6 +25,7 @@ __all__ = [
   "display_token",
   "feature_strip",
   "feature_texts",
+  "graph_view",
   "heatmap",
   "logit_lens_table",
   "max_activating_examples",

@@ -118,7 +118,8 @@ def runtime() -> str:
   """
   return (
     f"<style>{_static('viz.css')}</style>\n"
-    f"<script>{_static('viz.js')}\n{_static('attention.js')}</script>\n"
+    f"<script>{_static('viz.js')}\n{_static('attention.js')}\n"
+    f"{_static('graph.js')}</script>\n"
   )
 
 

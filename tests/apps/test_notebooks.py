@@ -65,6 +65,11 @@ assert by_position.normalized[-1, source] < 0.2
 top_head = (by_head.layers[BEST_PATCHED_HEAD[0]], BEST_PATCHED_HEAD[1])
 assert top_head == best[0], top_head
 """,
+  "tracing_a_circuit.ipynb": """
+assert span[4] in graph.logit_ids.tolist()[:3], graph.logit_ids   # copies the token
+assert len(data["nodes"]) > 0 and len(data["links"]) > 0
+assert res.real * res.predicted > 0, res        # the graph gets the sign right
+""",
 }
 
 

@@ -1,0 +1,356 @@
+"""Attribution graphs on the replacement model (circuit-tracer's definition).
+
+    graph = attribute(model, tcs, tokens)       # tcs: TranscoderSet or CLT
+    graph.adjacency[t, s]                       # direct effect of s on t
+
+Nodes, in circuit-tracer's order: the active features (layer, position,
+latent) with nonzero activation (BOS excluded), one error node per (layer,
+position) (index ``layer * n_pos + pos``), one token-embedding node per
+position, and the top output logits of the last position (most probable
+first, until their probability sums to ``desired_logit_prob`` or
+``max_n_logits`` are taken).
+
+Edge weight = the direct linear effect of the source on the target in the
+replacement model (frozen attention patterns and norm scales, `replacement`):
+for a target feature the effect on its encoder pre-activation ``mlp.in ·
+W_enc[:, i]``, for a logit on ``logit − mean(logits)``. A feature source
+contributes ``a_s · W_dec[l→k, s]`` at every layer ``k`` it writes, an
+error node its error vector, a token its scaled embedding, so::
+
+  A[t, s] = Σ_k ⟨source_s at mlp.out[k] (or embed), ∂target_t/∂(that site)⟩
+
+computed with one vmapped ``jax.vjp`` per batch of targets. Each target's
+pre-activation equals the sum of its row plus the bias terms (decoder
+biases, its encoder bias): the graph is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+from tqdm.auto import tqdm
+
+from gemma_surgery import errors
+from gemma_surgery.circuits.linear import linear_reads
+from gemma_surgery.circuits.replacement import Replacement, replacement_model
+from gemma_surgery.host import to_numpy
+from gemma_surgery.sae.clt import Dictionary
+
+
+@dataclasses.dataclass
+class Graph:
+  """An attribution graph (numpy arrays; see the module doc for the order).
+
+  Attributes:
+    tokens: ``[n_pos]`` prompt ids.
+    features: ``[n_features, 3]`` (layer, position, latent) of feature nodes.
+    activations: ``[n_features]`` their activations.
+    logit_ids: ``[n_logits]`` vocabulary ids of the logit nodes.
+    logit_probs: ``[n_logits]`` their probabilities.
+    adjacency: ``[N, N]`` float32, ``adjacency[target, source]``.
+    num_layers: Model layers.
+    scan: Names the transcoders (``dictionary.info.source``).
+    prompt: The prompt text, if known.
+  """
+
+  tokens: np.ndarray
+  features: np.ndarray
+  activations: np.ndarray
+  logit_ids: np.ndarray
+  logit_probs: np.ndarray
+  adjacency: np.ndarray
+  num_layers: int
+  scan: str = ""
+  prompt: str | None = None
+
+  @property
+  def n_pos(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def n_features(self) -> int:
+    return len(self.features)
+
+  @property
+  def error_start(self) -> int:
+    return self.n_features
+
+  @property
+  def token_start(self) -> int:
+    return self.n_features + self.num_layers * self.n_pos
+
+  @property
+  def logit_start(self) -> int:
+    return self.token_start + self.n_pos
+
+  @property
+  def size(self) -> int:
+    return self.logit_start + len(self.logit_ids)
+
+  def kind(self, node: int) -> str:
+    """``"feature"``, ``"error"``, ``"token"`` or ``"logit"``."""
+    if not 0 <= node < self.size:
+      raise errors.InputError(f"Node {node} is not in 0..{self.size - 1}.")
+    if node < self.error_start:
+      return "feature"
+    if node < self.token_start:
+      return "error"
+    return "token" if node < self.logit_start else "logit"
+
+  def feature_node(self, layer: int, pos: int, latent: int) -> int:
+    """Index of a feature node.
+
+    Raises:
+      InputError: That feature is not a node (inactive, or out of range).
+    """
+    hit = np.flatnonzero(
+      (self.features[:, 0] == layer)
+      & (self.features[:, 1] == pos)
+      & (self.features[:, 2] == latent)
+    )
+    if len(hit) != 1:
+      raise errors.InputError(
+        f"Feature (layer {layer}, pos {pos}, latent {latent}) is not an active"
+        " feature node of this graph."
+      )
+    return int(hit[0])
+
+  def error_node(self, layer: int, pos: int) -> int:
+    return self.error_start + layer * self.n_pos + pos
+
+  def token_node(self, pos: int) -> int:
+    return self.token_start + pos
+
+  def logit_node(self, vocab_id: int) -> int:
+    hit = np.flatnonzero(self.logit_ids == vocab_id)
+    if len(hit) != 1:
+      raise errors.InputError(
+        f"Token {vocab_id} is not a logit node; logit nodes: {self.logit_ids.tolist()}."
+      )
+    return self.logit_start + int(hit[0])
+
+  def describe(self, node: int) -> tuple:
+    """``(kind, layer, pos, index)`` of a node (layer None for tokens/logits)."""
+    kind = self.kind(node)
+    if kind == "feature":
+      layer, pos, latent = (int(v) for v in self.features[node])
+      return kind, layer, pos, latent
+    if kind == "error":
+      layer, pos = divmod(node - self.error_start, self.n_pos)
+      return kind, layer, pos, -1
+    if kind == "token":
+      pos = node - self.token_start
+      return kind, None, pos, int(self.tokens[pos])
+    i = node - self.logit_start
+    return kind, None, self.n_pos - 1, int(self.logit_ids[i])
+
+
+def _logit_targets(logits: np.ndarray, max_n: int, desired: float) -> tuple:
+  z = logits.astype(np.float64)
+  probs = np.exp(z - z.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs, kind="stable")[:max_n]
+  cum = np.cumsum(probs[order])
+  keep = int(np.searchsorted(cum, desired)) + 1
+  order = order[: min(keep, max_n)]
+  return order.astype(np.int64), probs[order].astype(np.float32)
+
+
+def _decoders(
+  dictionary: Dictionary, features: np.ndarray, acts: np.ndarray, n: int, dtype: Any
+) -> np.ndarray:
+  """``[n_features, n_layers, d]``: activation × decoder row into each layer."""
+  d = dictionary.info.d_model
+  out = np.zeros((len(features), n, d), dtype)
+  acts = acts.astype(dtype)
+  for layer in range(n):
+    rows = np.flatnonzero(features[:, 0] == layer)
+    if not len(rows):
+      continue
+    for target in range(layer, n):
+      dec = dictionary.decoder(layer, target)
+      if dec is None:
+        continue
+      w = to_numpy(dec.unwrap("latents", "embedding"), np.float32).astype(dtype)
+      out[rows, target] = w[features[rows, 2]] * acts[rows, None]
+  return out
+
+
+def _encoder_columns(dictionary: Dictionary, features: np.ndarray) -> np.ndarray:
+  cols = np.zeros((len(features), dictionary.info.d_model), np.float32)
+  for layer in np.unique(features[:, 0]):
+    rows = np.flatnonzero(features[:, 0] == layer)
+    enc = to_numpy(
+      dictionary.encoder(int(layer)).unwrap("embedding", "latents"), np.float32
+    )
+    cols[rows] = enc[:, features[rows, 2]].T
+  return cols
+
+
+def _active(rep: Replacement, max_feature_nodes: int | None) -> tuple:
+  found = []
+  for layer, feats in enumerate(rep.features):
+    pos, latent = np.nonzero(feats)
+    found.append(np.stack([np.full_like(pos, layer), pos, latent], 1))
+  features = np.concatenate(found).astype(np.int64)
+  acts = np.array([rep.features[k][p, i] for k, p, i in features], np.float32)
+  if max_feature_nodes is not None and len(features) > max_feature_nodes:
+    keep = np.sort(np.argsort(-np.abs(acts), kind="stable")[:max_feature_nodes])
+    features, acts = features[keep], acts[keep]
+  return features, acts
+
+
+def cotangents(
+  indices: np.ndarray,
+  graph_features: np.ndarray,
+  enc_cols: np.ndarray,
+  logit_ids: np.ndarray,
+  n_layers: int,
+  n_pos: int,
+  vocab: int,
+  dtype: Any = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+  """For targets ``indices`` (features first, then logits): ``[T, L, seq, d]``
+  on ``mlp.in`` and ``[T, vocab]`` on the last logits (one batch at a time:
+  all targets at once would not fit for large prompts).
+
+  Feature targets read ``mlp.in[l, p] · W_enc[:, i]``; logit targets read
+  ``logit_v − mean(logits)``.
+  """
+  n_f, d = enc_cols.shape
+  t = len(indices)
+  on_in = np.zeros((t, n_layers, n_pos, d), dtype)
+  on_logits = np.zeros((t, vocab), dtype)
+  feat = indices < n_f
+  rows = np.flatnonzero(feat)
+  f = graph_features[indices[feat]]
+  on_in[rows, f[:, 0], f[:, 1]] = enc_cols[indices[feat]]
+  rows = np.flatnonzero(~feat)
+  on_logits[rows] = -1.0 / vocab
+  on_logits[rows, logit_ids[indices[~feat] - n_f]] += 1.0
+  return on_in, on_logits
+
+
+def attribute(
+  model: Any,
+  dictionary: Dictionary,
+  tokens: pz.nx.NamedArray,
+  *,
+  max_n_logits: int = 10,
+  desired_logit_prob: float = 0.95,
+  max_feature_nodes: int | None = None,
+  batch_size: int = 128,
+  prompt: str | None = None,
+  progress: bool = True,
+) -> Graph:
+  """Builds the attribution graph of one prompt (see module doc).
+
+  Args:
+    model: A Penzai Gemma LM (unpatched; not modified).
+    dictionary: `TranscoderSet` or `CrossLayerTranscoder` (mlp.in -> mlp.out).
+    tokens: ``{batch: 1, seq}`` ids.
+    max_n_logits: At most this many logit nodes.
+    desired_logit_prob: Take logits until their probability sums to this.
+    max_feature_nodes: Keep only this many features (largest activations).
+    batch_size: Targets per vmapped backward pass.
+    prompt: Stored in the graph (for export).
+    progress: tqdm bar over target batches.
+
+  Raises:
+    SAEError / InputError: As `replacement_model`; bad settings.
+  """
+  if not 1 <= max_n_logits or not 0.0 < desired_logit_prob <= 1.0 or batch_size < 1:
+    raise errors.InputError(
+      f"max_n_logits={max_n_logits} (>= 1), desired_logit_prob="
+      f"{desired_logit_prob} (in (0, 1]), batch_size={batch_size} (>= 1)."
+    )
+  rep = replacement_model(model, dictionary, tokens)
+  return attribute_replacement(
+    rep,
+    max_n_logits=max_n_logits,
+    desired_logit_prob=desired_logit_prob,
+    max_feature_nodes=max_feature_nodes,
+    batch_size=batch_size,
+    prompt=prompt,
+    progress=progress,
+  )
+
+
+def attribute_replacement(
+  rep: Replacement,
+  *,
+  max_n_logits: int = 10,
+  desired_logit_prob: float = 0.95,
+  max_feature_nodes: int | None = None,
+  batch_size: int = 128,
+  prompt: str | None = None,
+  progress: bool = True,
+  dtype: Any = jnp.float32,
+) -> Graph:
+  """`attribute` on an already built `Replacement`.
+
+  ``dtype=jnp.float64`` (inside ``jax.enable_x64()``) computes
+  the edges in double precision (tests compare them with autodiff).
+  """
+  np_dtype = np.dtype(jnp.dtype(dtype).name)
+  n, n_pos, d = rep.errors.shape
+  vocab = rep.logits.shape[-1]
+  features, acts = _active(rep, max_feature_nodes)
+  logit_ids, logit_probs = _logit_targets(
+    rep.logits[-1], max_n_logits, desired_logit_prob
+  )
+  enc_cols = _encoder_columns(rep.dictionary, features)
+  reads = linear_reads(rep, dtype)
+  embed0 = jnp.zeros((n_pos, d), dtype)
+  _, vjp = jax.vjp(reads, embed0, jnp.asarray(rep.written, dtype))
+  decoders = _decoders(rep.dictionary, features, acts, n, np_dtype)
+  embed, errs = rep.embed.astype(np_dtype), rep.errors.astype(np_dtype)
+  backward = jax.jit(jax.vmap(lambda a, b: vjp((a, b))))
+  n_f = len(features)
+  size = n_f + n * n_pos + n_pos + len(logit_ids)
+  adjacency = np.zeros((size, size), np_dtype)
+  by_pos = [np.flatnonzero(features[:, 1] == p) for p in range(n_pos)]
+  err_start, tok_start = n_f, n_f + n * n_pos
+  targets = np.concatenate(
+    [np.arange(n_f), tok_start + n_pos + np.arange(len(logit_ids))]
+  )
+  starts = range(0, len(targets), batch_size)
+  for start in tqdm(starts, desc="attribution", disable=not progress):
+    stop = min(start + batch_size, len(targets))
+    which = np.arange(start, stop)
+    a, b = cotangents(which, features, enc_cols, logit_ids, n, n_pos, vocab, np_dtype)
+    pad = batch_size - (stop - start)
+    if pad:  # Fixed batch shape: one compile.
+      a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
+      b = np.concatenate([b, np.zeros((pad, *b.shape[1:]), b.dtype)])
+    g_embed, g_mlp = backward(jnp.asarray(a), jnp.asarray(b))
+    g_embed = np.asarray(g_embed)[: stop - start]
+    g_mlp = np.asarray(g_mlp)[: stop - start]
+    rows = targets[start:stop]
+    adjacency[rows, tok_start : tok_start + n_pos] = np.einsum(
+      "tpd,pd->tp", g_embed, embed
+    )
+    adjacency[rows, err_start:tok_start] = np.einsum(
+      "tkpd,kpd->tkp", g_mlp, errs
+    ).reshape(len(rows), -1)
+    for p, idx in enumerate(by_pos):
+      if len(idx):
+        adjacency[np.ix_(rows, idx)] = np.einsum(
+          "tkd,skd->ts", g_mlp[:, :, p], decoders[idx]
+        )
+  return Graph(
+    tokens=np.asarray(rep.tokens.unwrap("batch", "seq")[0]).astype(np.int64),
+    features=features,
+    activations=acts,
+    logit_ids=logit_ids,
+    logit_probs=logit_probs,
+    adjacency=adjacency,
+    num_layers=n,
+    scan=rep.dictionary.info.source,
+    prompt=prompt,
+  )

@@ -1,0 +1,80 @@
+"""The replacement model as an affine function, for autodiff.
+
+    reads = linear_reads(rep)
+    mlp_in, logits = reads(embed_delta, mlp_out)   # [L, seq, d], [vocab]
+
+``reads(e, v)`` runs `Replacement.model` with ``e`` added to the embedding
+(``[seq, d]``) and ``v[k]`` written at layer ``k``'s ``mlp.out`` (``[L, seq,
+d]``, replacing the recorded decoded features + error; the affine skip stays
+live), and returns every layer's ``mlp.in`` and the last position's logits.
+With the recorded pattern and norm scales it is linear in ``(e, v)`` plus
+the embedding itself: ``jax.vjp`` of it gives the gradient of any target at
+every ``mlp.out`` and at the embedding, which is what attribution edges are
+made of. ``dtype=jnp.float64`` (inside ``jax.enable_x64()``)
+runs it in double precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from gemma_surgery.circuits.replacement import AddInput, ReplacedMLPOut, Replacement
+from gemma_surgery.surgery import sites
+from gemma_surgery.surgery.layers.capture import SaveIntermediate
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+  def cast(x: Any) -> Any:
+    if isinstance(x, jax.Array | jnp.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+
+  return jax.tree_util.tree_map(cast, tree)
+
+
+def linear_reads(
+  rep: Replacement, dtype: Any = jnp.float32
+) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """``(embed_delta [seq, d], mlp_out [L, seq, d]) -> (mlp_in [L, seq, d],
+  last logits [vocab])`` of the replacement (see module doc)."""
+  n = rep.num_layers
+  savers = {}
+
+  def saver(i: int) -> SaveIntermediate:
+    savers[i] = SaveIntermediate.fresh("mlp.in", i)
+    return savers[i]
+
+  model = sites.insert(rep.model, "mlp.in", None, saver)
+  unbound, variables = pz.unbind_state_vars(model)
+  frozen = _cast(pz.freeze_params(unbound), dtype)
+  labels = [v.label for v in variables]
+  read_at = [labels.index(savers[i].saved.label) for i in range(n)]
+  tokens = rep.tokens
+
+  def reads(embed_delta: jax.Array, mlp_out: jax.Array) -> tuple:
+    def set_delta(layer: AddInput) -> AddInput:
+      delta = pz.nx.wrap(embed_delta[None]).tag("batch", "seq", "embedding")
+      return dataclasses.replace(layer, delta=delta)
+
+    def set_value(layer: ReplacedMLPOut) -> ReplacedMLPOut:
+      value = pz.nx.wrap(mlp_out[layer.layer][None]).tag("batch", "seq", "embedding")
+      return dataclasses.replace(layer, value=value)
+
+    m = pz.select(frozen).at_instances_of(AddInput).apply(set_delta)
+    m = pz.select(m).at_instances_of(ReplacedMLPOut).apply(set_value)
+    state = [pz.StateVariableValue(value=None, label=label) for label in labels]
+    bound_vars = [v.unfreeze_as_copy() for v in state]
+    logits = pz.bind_variables(m, bound_vars)(tokens)
+    mlp_in = jnp.stack(
+      [bound_vars[j].value.unwrap("batch", "seq", "embedding")[0] for j in read_at]
+    )
+    last = logits.unwrap("batch", "seq", "vocabulary")[0, -1]
+    return mlp_in, last
+
+  return reads
