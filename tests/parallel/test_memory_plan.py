@@ -70,4 +70,10 @@ def test_27b_numbers_and_the_script():
     f" | {got.kv_cache / 2**30:.2f} GiB |"
   )
   assert row in out
+  # the README's memory table is exactly what the script prints
+  readme = (ROOT / "README.md").read_text()
+  table = [line for line in out.splitlines() if line.startswith("|")]
+  assert len(table) > 4 and all(line in readme for line in table), (
+    "README's memory table differs from `python scripts/memory_plan.py`"
+  )
   assert "| gemma3_27b | 8 | data=1 × model=8 |" in out
