@@ -191,7 +191,12 @@ def _preset_tree(name: str, layout: str):
   return jax.eval_shape(fn, shapes)
 
 
-@pytest.mark.parametrize("name", config.preset_names())
+# Gemma 4 has no Kaggle/Flax layout reader yet (issue 15: the PyPI `gemma`
+# package has no Gemma 4 to learn it from); it loads from Hugging Face files.
+KAGGLE_PRESETS = [n for n in config.preset_names() if not n.startswith("gemma4")]
+
+
+@pytest.mark.parametrize("name", KAGGLE_PRESETS)
 def test_infers_every_published_preset_from_shapes(name):
   layouts = ["flat", "nested"] + (["stacked"] if name.startswith("gemma3") else [])
   for layout in layouts:
