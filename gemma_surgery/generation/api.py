@@ -49,7 +49,16 @@ from gemma_surgery.surgery.layers import base, buffer
 from gemma_surgery.surgery.layers.capture import SaveIntermediate
 from gemma_surgery.tokenizer import as_tokenizer
 
-__all__ = ["GenerationResult", "generate", "greedy_generate", "mark_left_padding"]
+__all__ = [
+  "KV_CACHE_DTYPES",
+  "GenerationResult",
+  "generate",
+  "greedy_generate",
+  "mark_left_padding",
+]
+
+# Key/value cache dtypes `generate` accepts beside the activation dtype.
+KV_CACHE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +161,7 @@ def generate(
   cache_len: int | None = None,
   sharding_rules: sharding.Rules | None = None,
   return_logits: bool = False,
+  kv_cache_dtype: str | None = None,
 ) -> GenerationResult:
   """Generates continuations with one fused, jitted, KV-cached loop.
 
@@ -192,6 +202,10 @@ def generate(
     sharding_rules: Rules for ``mesh`` (default `sharding.DEFAULT_RULES`).
     return_logits: Also return, in ``result.logits``, the logits each new
       token was chosen from (before temperature and filtering).
+    kv_cache_dtype: Store the key/value caches in this dtype (one of
+      `KV_CACHE_DTYPES`), e.g. ``"bfloat16"`` beside float32 activations to
+      halve the bytes each step reads from the cache; attention still runs in
+      the activation dtype. None: the activation dtype.
 
   Returns:
     A `GenerationResult`.
@@ -201,6 +215,7 @@ def generate(
       ``max_new_tokens``/``temperature``/``top_k``/``top_p``/ids, strings
       without a tokenizer, or a prompt plus ``max_new_tokens`` longer than
       ``cache_len``.
+    InputError: also a ``kv_cache_dtype`` outside `KV_CACHE_DTYPES`.
     SurgeryError: ``captures`` that don't belong to ``model``; state of a
       layer in ``model`` whose shape changes at every decoding step (the
       fused loop carries a layer's own ``pz.StateVariable`` when its value
@@ -212,6 +227,11 @@ def generate(
       f"return_logits must be True or False, got {return_logits!r}."
     )
   check_model(model, captures)
+  if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise errors.InputError(
+      f"kv_cache_dtype={kv_cache_dtype!r} is not supported; valid: None or one"
+      f" of {', '.join(KV_CACHE_DTYPES)}."
+    )
   vocab = model.metadata.vocab_size
   check_controls(max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, seed, vocab)
   ids = prompt_array(prompts, vocab, pad_id, tokenizer)
@@ -228,7 +248,9 @@ def generate(
   if mesh is None and jax.process_count() > 1:
     # A model sharded over several processes needs its mesh for the caches.
     mesh = sharding.spanning_mesh([p.value for p in pz.unbind_params(model)[1]])
-  prepared, leaves = decoding.prepare(model, batch, cache_len, mesh, sharding_rules)
+  prepared, leaves = decoding.prepare(
+    model, batch, cache_len, mesh, sharding_rules, kv_cache_dtype
+  )
   prompt_in, lengths_in = ids, prompt_lengths
   if mesh is not None:
     prompt_in = _on_mesh(ids, ("batch", "seq"), mesh, sharding_rules)

@@ -20,6 +20,7 @@ import weakref
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from penzai import pz
@@ -106,6 +107,7 @@ class Prepared:
       sharded by axis name with ``rules``.
     rules: Sharding rules (default `sharding.DEFAULT_RULES`).
     flat: ``jax.tree_util.tree_flatten(model)`` if already computed.
+    kv_cache_dtype: dtype of the key/value caches (None: the activations').
   """
 
   def __init__(
@@ -116,6 +118,7 @@ class Prepared:
     mesh: Mesh | None = None,
     rules: Any = None,
     flat: tuple[list[Any], Any] | None = None,
+    kv_cache_dtype: Any = None,
   ):
     global _CONVERSIONS
     _CONVERSIONS += 1
@@ -128,6 +131,7 @@ class Prepared:
       batch_axes={"batch": batch},
       pad_id=PAD_MARK,
       variable_name_prefix=_PREFIX,
+      cache_dtype=kv_cache_dtype,
     )
     unbound, self.variables = pz.unbind_variables(cached)
     savers = pz.select(model).at_instances_of(CaptureLayer).get_sequence()
@@ -289,7 +293,12 @@ _BY_STRUCTURE_SIZE = 2
 
 
 def prepare(
-  model: Any, batch: int, cache_len: int, mesh: Mesh | None, rules: Any
+  model: Any,
+  batch: int,
+  cache_len: int,
+  mesh: Mesh | None,
+  rules: Any,
+  kv_cache_dtype: Any = None,
 ) -> tuple[Prepared, list[Any]]:
   """A cached `Prepared` for ``model`` and its current leaves.
 
@@ -300,7 +309,14 @@ def prepare(
   With a mesh, parameters not already placed by axis name are copied onto it
   once per entry: load with ``mesh=`` (or ``shard_model``) to avoid copies.
   """
-  key = (id(model), batch, cache_len, mesh, None if rules is None else tuple(rules))
+  key = (
+    id(model),
+    batch,
+    cache_len,
+    mesh,
+    None if rules is None else tuple(rules),
+    None if kv_cache_dtype is None else jnp.dtype(kv_cache_dtype).name,
+  )
   entry = _CACHE.get(key)
   if entry is not None and entry.model_ref() is model:
     leaves = entry.current_leaves()
@@ -319,7 +335,7 @@ def prepare(
     if entry is not None and entry.current_leaves() is None:
       entry = None
   if entry is None:
-    entry = Prepared(model, batch, cache_len, mesh, rules, flat)
+    entry = Prepared(model, batch, cache_len, mesh, rules, flat, kv_cache_dtype)
   if shape_key is not None:
     _BY_STRUCTURE[shape_key] = entry
     _BY_STRUCTURE.move_to_end(shape_key)
