@@ -21,7 +21,8 @@ side by side (interleaved repeats, medians, after a warm-up call):
    the tied embedding once as the unembedding, the KV caches) over the
    bandwidth a jitted float32 matrix-vector product reaches on this machine
    (measured in the same run). Batch 1, 4 and 16, float32 and bf16 weights
-   (float32 activations), with bf16's max logit difference from float32.
+   (float32 activations), bf16 weights with a bf16 KV cache
+   (``kv_cache_dtype``), with bf16's max logit difference from float32.
 5. Sampling (temperature 0.7, top-p 0.9) vs greedy on the mid config with a
    256 000-token vocabulary.
 6. Compile time of the fused loop (mid, steered): trace, lower, compile.
@@ -235,7 +236,7 @@ def bandwidth(runs: int) -> float:
   return w.nbytes / t["mv"]
 
 
-def step_bytes(model, batch: int, cache_len: int) -> int:
+def step_bytes(model, batch: int, cache_len: int, kv_bytes: int = 4) -> int:
   """Bytes one decode step reads: parameters plus the KV caches."""
   params = sum(
     x.nbytes
@@ -243,7 +244,7 @@ def step_bytes(model, batch: int, cache_len: int) -> int:
     for x in jax.tree_util.tree_leaves(p.value)
   )
   kv = 2 * MID.num_layers * MID.num_kv_heads * MID.head_dim * cache_len
-  return params + kv * batch * 4  # float32 caches
+  return params + kv * batch * kv_bytes
 
 
 def step_time(model, prompt, runs: int, **kwargs) -> float:
@@ -283,25 +284,34 @@ def floors(rec, runs: int, quick: bool) -> None:
   )
   models = {"float32": gs.build_model(MID, jax.random.key(0))}
   models["bf16"] = rounded(models["float32"])
-  for dtype, model in models.items():
+  # bf16 weights and a bf16 KV cache (float32 activations throughout).
+  variants = [
+    ("float32", models["float32"], None),
+    ("bf16", models["bf16"], None),
+    ("bf16_kv16", models["bf16"], "bfloat16"),
+  ]
+  for dtype, model, kv_dtype in variants:
+    kv_bytes = 2 if kv_dtype else 4
     for batch in (1, 4) if quick else (1, 4, 16):
       prompt = prompt_for(model, batch)
-      step = step_time(model, prompt, runs)
-      floor = step_bytes(model, batch, PROMPT + NEW) / bw
+      step = step_time(model, prompt, runs, kv_cache_dtype=kv_dtype)
+      floor = step_bytes(model, batch, PROMPT + NEW, kv_bytes) / bw
       print(
         f"{dtype} batch {batch}: step {step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms"
       )
       key = f"{dtype}_b{batch}"
       rec.figure(
         f"{key}_step",
-        f"mid {dtype} weights, batch {batch}: decode step",
+        f"mid {dtype} weights{' + bf16 KV cache' if kv_dtype else ''}, batch"
+        f" {batch}: decode step",
         step * 1e3,
         "ms",
         note=f"{batch / step:.0f} tok/s",
       )
       rec.figure(
         f"{key}_floor",
-        f"mid {dtype} weights, batch {batch}: floor / step",
+        f"mid {dtype} weights{' + bf16 KV cache' if kv_dtype else ''}, batch"
+        f" {batch}: floor / step",
         floor / step,
         goal=">= 0.9" if dtype == "float32" else None,
       )
