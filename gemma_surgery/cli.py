@@ -80,7 +80,7 @@ def synopsis() -> list[str]:
 def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
   parser = argparse.ArgumentParser(
     prog="gemma-surgery",
-    description="Load Gemma 1/2/3 into Penzai, look inside, cut it open.",
+    description="Load Gemma 1-4 into Penzai, look inside, cut it open.",
     formatter_class=_Formatter,
     epilog="Run 'gemma-surgery VERB --help' for the options of a verb.",
   )

@@ -45,6 +45,11 @@ _HF_REPOS = {
   "gemma3_4b": "google/gemma-3-4b-pt",
   "gemma3_12b": "google/gemma-3-12b-pt",
   "gemma3_27b": "google/gemma-3-27b-pt",
+  # Gemma 4: multimodal repos; only the text decoder's weights are read.
+  "gemma4_e2b": "google/gemma-4-E2B",
+  "gemma4_e4b": "google/gemma-4-E4B",
+  "gemma4_26b_a4b": "google/gemma-4-26B-A4B",
+  "gemma4_31b": "google/gemma-4-31B",
 }
 _HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 
@@ -137,7 +142,7 @@ def load(
   cache_dir: str | None = None,
   progress: bool = True,
 ) -> LoadedModel:
-  """Loads a Gemma 1, 2 or 3 text model into Penzai.
+  """Loads a Gemma 1, 2, 3 or 4 text model into Penzai.
 
   Args:
     source: A local path, ``"hf:org/name"``, ``"kaggle:handle"`` or a variant

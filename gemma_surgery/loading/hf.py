@@ -217,21 +217,18 @@ def _layout(name: str, shape: tuple[int, ...], config: GemmaConfig) -> str:
   return "mlp" if leaf.startswith("mlp/") else "same"
 
 
-def _lazy(name: str, tensor, path: pathlib.Path, config: GemmaConfig) -> LazyArray:
-  """A `LazyArray` over one safetensors tensor (``safe_open(...).get_slice``).
-
-  Only the rows/columns of the requested canonical slice are read: heads map
-  to row (q/k/v) or column (o) ranges of ``head_dim`` rows each, MLP slices to
-  the transposed ranges.
-  """
-  shape = tuple(int(n) for n in tensor.get_shape())
+def _stored_dtype(name: str, tensor, path: pathlib.Path) -> np.dtype:
   stored = tensor.get_dtype()
   if stored not in _DTYPES:
     raise errors.CheckpointError(
       f"{path}: tensor for {name!r} has dtype {stored}; expected one of"
       f" {sorted(_DTYPES)}."
     )
-  layout, h = _layout(name, shape, config), _head_dim(name, config)
+  return np.dtype(_DTYPES[stored])
+
+
+def _getter(name: str, tensor, path: pathlib.Path) -> Callable[[tuple], np.ndarray]:
+  """Reads ``tensor[index]`` from the file, corrupt files as `CheckpointError`."""
 
   def get(index: tuple) -> np.ndarray:
     try:
@@ -241,6 +238,21 @@ def _lazy(name: str, tensor, path: pathlib.Path, config: GemmaConfig) -> LazyArr
         f"Cannot read {name!r} from {path}: {e}. The file may be truncated or"
         " corrupt; delete it and download again."
       ) from e
+
+  return get
+
+
+def _lazy(name: str, tensor, path: pathlib.Path, config: GemmaConfig) -> LazyArray:
+  """A `LazyArray` over one safetensors tensor (``safe_open(...).get_slice``).
+
+  Only the rows/columns of the requested canonical slice are read: heads map
+  to row (q/k/v) or column (o) ranges of ``head_dim`` rows each, MLP slices to
+  the transposed ranges.
+  """
+  shape = tuple(int(n) for n in tensor.get_shape())
+  dtype = _stored_dtype(name, tensor, path)
+  layout, h = _layout(name, shape, config), _head_dim(name, config)
+  get = _getter(name, tensor, path)
 
   if layout == "qkv":  # [N*H, D] -> [N, D, H]
     canonical = (shape[0] // h, shape[1], h)
@@ -270,17 +282,21 @@ def _lazy(name: str, tensor, path: pathlib.Path, config: GemmaConfig) -> LazyArr
     def read(index: Index) -> np.ndarray:
       return get(index)
 
-  return LazyArray(shape=canonical, dtype=np.dtype(_DTYPES[stored]), read=read)
+  return LazyArray(shape=canonical, dtype=dtype, read=read)
 
 
-def _whole(name: str, arr: np.ndarray, config: GemmaConfig) -> dict[str, LazyArray]:
-  """Gemma 4-only tensors, converted whole and sliced in memory."""
-  out = {}
-  for canonical, value in hf_gemma4.convert(name, arr, config).items():
-    out[canonical] = LazyArray(
-      shape=value.shape, dtype=value.dtype, read=lambda index, v=value: v[index]
-    )
-  return out
+def _lazy_gemma4(
+  name: str, tensor, path: pathlib.Path, config: GemmaConfig
+) -> dict[str, LazyArray]:
+  """`LazyArray` s of a Gemma 4-only tensor (`hf_gemma4.lazy_convert`): a
+  slice of the per-layer tables or of the experts reads only its rows."""
+  shape = tuple(int(n) for n in tensor.get_shape())
+  dtype = _stored_dtype(name, tensor, path)
+  arrays = hf_gemma4.lazy_convert(name, shape, _getter(name, tensor, path), config)
+  return {
+    key: LazyArray(shape=tuple(canonical), dtype=dtype, read=read)
+    for key, (canonical, read) in arrays.items()
+  }
 
 
 @contextlib.contextmanager
@@ -319,7 +335,7 @@ def open_hf_params(
           if config.family == "gemma4" and hf_gemma4.ignored(name, config):
             continue
           if config.family == "gemma4" and hf_gemma4.canonical_name_is_new(name):
-            params.update(_whole(name, f.get_tensor(hf_name), config))
+            params.update(_lazy_gemma4(name, f.get_slice(hf_name), path, config))
             continue
           params[name] = _lazy(name, f.get_slice(hf_name), path, config)
       except safetensors.SafetensorError as e:

@@ -111,7 +111,15 @@ def read_config_json(path: str | pathlib.Path) -> dict[str, Any]:
 def text_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
   """The text-model part of a (possibly multimodal) config, defaults filled."""
   if raw.get("model_type") in _MULTIMODAL and "text_config" in raw:
-    raw = {**raw["text_config"], "model_type": _MULTIMODAL[raw["model_type"]]}
+    expected = _MULTIMODAL[raw["model_type"]]
+    inner = raw["text_config"].get("model_type", expected)
+    if inner != expected:
+      raise errors.ConfigError(
+        f"config.json has model_type={raw['model_type']!r} but its text_config"
+        f" has model_type={inner!r}; a {raw['model_type']} checkpoint's text"
+        f" model is {expected!r}."
+      )
+    raw = {**raw["text_config"], "model_type": expected}
   model_type = raw.get("model_type")
   if model_type not in _DEFAULTS:
     raise errors.ConfigError(

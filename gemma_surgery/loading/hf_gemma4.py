@@ -20,12 +20,19 @@ how each becomes canonical (see `gemma_surgery.model.parameters`)::
   layers.i.experts.gate_up_proj             [E, 2X, D] -> moe/gate, moe/up [E, D, X]
   layers.i.experts.down_proj                [E, D, X]  -> moe/down [E, X, D]
 
+`lazy_convert` gives each canonical array as a shape and a slice reader, so
+that a load onto a mesh reads only each device's rows of the per-layer
+embedding table, its experts, its kv heads (`gemma_surgery.loading.placement`);
+`convert` is the same mapping on a whole array.
+
 Checkpoints may still hold key/value weights of KV-shared layers, which
 transformers ignores too (`ignored`). Multimodal checkpoints' vision and audio
 towers never match these names and are skipped.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -66,6 +73,7 @@ def canonical_name(name: str) -> str | None:
 
 
 _NEW_LEAVES = frozenset(_LAYER.values())
+_TRANSPOSED = ("per_layer_input/gate", "per_layer_input/projection", "moe/router")
 
 
 def canonical_name_is_new(name: str) -> bool:
@@ -92,28 +100,84 @@ def ignored(name: str, config: GemmaConfig) -> bool:
   )
 
 
+Index = tuple[slice, ...]
+Reader = Callable[[Index], np.ndarray]
+
+
+def _full(shape: tuple[int, ...]) -> Index:
+  return tuple(slice(0, n) for n in shape)
+
+
+def lazy_convert(
+  name: str, shape: tuple[int, ...], get: Reader, config: GemmaConfig
+) -> dict[str, tuple[tuple[int, ...], Reader]]:
+  """`convert` without reading: canonical shape and slice reader per array.
+
+  Args:
+    name: The canonical name (`canonical_name`).
+    shape: The stored tensor's shape.
+    get: Reads ``stored[index]`` (one step-1 ``slice`` per stored axis).
+    config: The architecture.
+
+  Returns:
+    For each canonical array (two for ``moe/gate_up``): its shape and a
+    function of a canonical index (step-1 slices) that returns that slice,
+    reading only the stored rows/columns it covers: a vocabulary or layer
+    range of the per-layer tables, an expert range of the expert weights.
+  """
+  leaf = name.split("/", 1)[-1]
+  n, p = config.num_layers, config.per_layer_input_dim
+  if name == "per_layer_embedder" and len(shape) == 2 and p and shape[1] == n * p:
+
+    def table(index: Index) -> np.ndarray:  # [V, L*P] -> [V, L, P]
+      v, layers, q = index
+      cols = get((v, slice(layers.start * p, layers.stop * p)))
+      return cols.reshape(v.stop - v.start, layers.stop - layers.start, p)[:, :, q]
+
+    return {name: ((shape[0], n, p), table)}
+  if name == "per_layer_projection" and len(shape) == 2 and p and shape[0] == n * p:
+
+    def projection(index: Index) -> np.ndarray:  # [L*P, D] -> [D, L, P]
+      d, layers, q = index
+      rows = get((slice(layers.start * p, layers.stop * p), d))
+      return rows.T.reshape(d.stop - d.start, layers.stop - layers.start, p)[:, :, q]
+
+    return {name: ((shape[1], n, p), projection)}
+  if leaf == "layer_scalar" and int(np.prod(shape)) == 1:
+    return {name: ((), lambda index: get(_full(shape)).reshape(()))}
+  if leaf in _TRANSPOSED and len(shape) == 2:
+    return {name: (shape[::-1], lambda index: get(index[::-1]).T)}
+  if leaf == "moe/gate_up" and len(shape) == 3 and shape[1] % 2 == 0:
+    prefix = name.rsplit("/", 1)[0]
+    x = shape[1] // 2
+
+    def half(offset: int) -> Reader:
+      def read(index: Index) -> np.ndarray:  # [E, 2X, D] -> [E, D, X]
+        e, d, cols = index
+        rows = slice(offset + cols.start, offset + cols.stop)
+        return get((e, rows, d)).transpose(0, 2, 1)
+
+      return read
+
+    canonical = (shape[0], shape[2], x)
+    return {
+      f"{prefix}/gate": (canonical, half(0)),
+      f"{prefix}/up": (canonical, half(x)),
+    }
+  if leaf == "moe/down" and len(shape) == 3:
+
+    def down(index: Index) -> np.ndarray:  # [E, D, X] -> [E, X, D]
+      e, cols, d = index
+      return get((e, d, cols)).transpose(0, 2, 1)
+
+    return {name: ((shape[0], shape[2], shape[1]), down)}
+  return {name: (shape, get)}
+
+
 def convert(name: str, arr: np.ndarray, config: GemmaConfig) -> dict[str, np.ndarray]:
   """Canonical array(s) from a Gemma 4-only tensor (see the module table).
 
   Shapes that don't fit are passed through for the shape check to report.
   """
-  leaf = name.split("/", 1)[-1]
-  n, p = config.num_layers, config.per_layer_input_dim
-  if name == "per_layer_embedder" and arr.ndim == 2 and p and arr.shape[1] == n * p:
-    return {name: arr.reshape(arr.shape[0], n, p)}
-  if name == "per_layer_projection" and arr.ndim == 2 and p and arr.shape[0] == n * p:
-    return {name: arr.T.reshape(arr.shape[1], n, p)}
-  if leaf == "layer_scalar":
-    return {name: arr.reshape(()) if arr.size == 1 else arr}
-  if leaf in ("per_layer_input/gate", "per_layer_input/projection", "moe/router"):
-    return {name: arr.T if arr.ndim == 2 else arr}
-  if leaf == "moe/gate_up" and arr.ndim == 3 and arr.shape[1] % 2 == 0:
-    prefix = name.rsplit("/", 1)[0]
-    x = arr.shape[1] // 2
-    return {
-      f"{prefix}/gate": arr[:, :x, :].transpose(0, 2, 1),
-      f"{prefix}/up": arr[:, x:, :].transpose(0, 2, 1),
-    }
-  if leaf == "moe/down" and arr.ndim == 3:
-    return {name: arr.transpose(0, 2, 1)}
-  return {name: arr}
+  arrays = lazy_convert(name, arr.shape, lambda index: arr[index], config)
+  return {key: read(_full(shape)) for key, (shape, read) in arrays.items()}

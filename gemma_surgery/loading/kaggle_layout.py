@@ -130,6 +130,33 @@ def module_name(path: TreePath) -> str:
   return "/".join(parts)
 
 
+# Modules only Gemma 4's Flax model has (the `gemma` 4.x library's
+# ``gm.nn.gemma4``: layer scalars, per-layer embeddings, k = v projections,
+# the MoE block and its dense twin).
+_GEMMA4_MODULES = frozenset(
+  {
+    "skip_scale",
+    "per_layer_embeddings",
+    "per_layer_model_projection",
+    "per_layer_input_gate",
+    "k_einsum",
+    "mlp2",
+    "router_logits",
+  }
+)
+
+
+def _refuse_gemma4(entries: Mapping[str, Ref], source: str) -> None:
+  for name in entries:
+    if _GEMMA4_MODULES.intersection(name.split("/")):
+      raise errors.CheckpointError(
+        f"{source}: 'transformer/{name}' is a Gemma 4 weight: this is a Gemma"
+        " 4 Kaggle/Flax checkpoint, whose layout is not read yet. Load the"
+        " same model's Hugging Face checkpoint instead, e.g."
+        " gs.load('gemma4_e2b') or gs.load('hf:google/gemma-4-E2B-it')."
+      )
+
+
 def _add(entries: dict[str, Ref], name: str, ref: Ref, source: str) -> None:
   if name in entries:
     raise errors.CheckpointError(
@@ -148,7 +175,8 @@ def layout_entries(tree: Mapping[str, Any], source: str) -> dict[str, Ref]:
     source: Where the tree came from, for error messages.
 
   Raises:
-    CheckpointError: Duplicate or malformed stacked entries.
+    CheckpointError: Duplicate or malformed stacked entries, or a Gemma 4
+      checkpoint (its Flax layout is not read).
   """
   entries: dict[str, Ref] = {}
   stacked = []
@@ -176,6 +204,7 @@ def layout_entries(tree: Mapping[str, Any], source: str) -> dict[str, Ref]:
     for s in range(leaf.shape[0]):
       ref = Ref(path, tuple(leaf.shape[1:]), np.dtype(leaf.dtype), s)
       _add(entries, f"layer_{s * period + offset}/{suffix}", ref, source)
+  _refuse_gemma4(entries, source)
   return entries
 
 

@@ -146,7 +146,9 @@ def place(
     key = tuple((s.start, s.stop) for s in bounds)
     if key not in done:
       data = read_target(target, source, bounds)
-      done[key] = np.ascontiguousarray(data.astype(dtype, copy=False))
+      # (np.ascontiguousarray would turn a 0-d slice, e.g. a Gemma 4 layer
+      # scalar, into shape (1,).)
+      done[key] = np.require(data.astype(dtype, copy=False), requirements="C")
     return done[key]
 
   data = jax.make_array_from_callback(shape, placement, callback)

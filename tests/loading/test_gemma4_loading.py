@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from helpers import gemma4 as g4  # noqa: E402
 
 import gemma_surgery as gs  # noqa: E402
-from gemma_surgery import errors  # noqa: E402
+from gemma_surgery import cli, errors  # noqa: E402
 from gemma_surgery.loading import hf  # noqa: E402
 
 
@@ -96,6 +96,17 @@ def test_shared_layers_stale_kv_weights_are_ignored(plain, tmp_path):
     ({"moe_intermediate_size": 32}, "moe/"),
     ({"enable_moe_block": False}, "unexpected"),
     ({"global_head_dim": 64, "per_layer_config": None}, "attn/q"),
+    ({"num_experts": 8}, r"layer_0/moe/router.*\(64, 4\).*\(64, 8\)"),
+    ({"attention_k_eq_v": False}, r"missing.*layer_2/attn/v"),
+    ({"vocab_size_per_layer_input": 64}, r"per_layer_embedder.*\(64, 6, 8\)"),
+    (
+      {
+        "per_layer_config": {
+          str(i): {"head_dim": 32, "num_key_value_heads": 2} for i in (2, 5)
+        }
+      },
+      r"layer_2/attn/k",
+    ),
   ],
 )
 def test_config_disagreeing_with_weights_is_a_typed_error(
@@ -110,6 +121,35 @@ def test_config_disagreeing_with_weights_is_a_typed_error(
   (tmp_path / "model.safetensors").symlink_to(directory / "model.safetensors")
   with pytest.raises(errors.CheckpointError, match=match):
     gs.load(tmp_path, dtype="float32", progress=False)
+
+
+@pytest.mark.filterwarnings("ignore::gemma_surgery.errors.ReplicationWarning")
+def test_mesh_load_of_a_disagreeing_checkpoint_is_a_typed_error(plain, tmp_path):
+  directory, _, _ = plain
+  config = json.loads((directory / "config.json").read_text())
+  config["moe_intermediate_size"] = 32
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  (tmp_path / "model.safetensors").symlink_to(directory / "model.safetensors")
+  mesh = gs.sharding.make_mesh({"data": 2, "model": 4})
+  with pytest.raises(errors.CheckpointError, match=r"layer_0/moe/gate.*\(4, 64, 32\)"):
+    gs.load(tmp_path, dtype="float32", mesh=mesh, progress=False)
+
+
+@pytest.mark.parametrize(
+  "config",
+  [
+    {"model_type": "gemma5_text"},
+    {"model_type": "gemma4", "text_config": {"model_type": "gemma5_text"}},
+  ],
+)
+def test_unknown_model_type_is_refused_before_any_weight_is_read(
+  tmp_path, config, capsys
+):
+  (tmp_path / "config.json").write_text(json.dumps(config))  # no weights at all
+  with pytest.raises(errors.ConfigError, match="gemma5_text.*gemma4_text"):
+    gs.load(tmp_path, progress=False)
+  assert cli.main(["info", str(tmp_path)]) == 2
+  assert "model_type='gemma5_text'" in capsys.readouterr().err
 
 
 def test_lazy_reader_equals_eager_reader(plain):
