@@ -12,7 +12,7 @@
    width 2048 (θ set so that ~30 latents fire per token), the graph capped
    at the 2048 most active features (``max_feature_nodes``).
 
-circuit-tracer is not run here (see BENCHMARKS.md). Run: ``python
+circuit-tracer runs in `circuit_tracer_parity.py` (its own venv). Run: ``python
 bench/circuits.py``.
 """
 

@@ -9,7 +9,7 @@ A wing above ``analysis`` and ``sae`` (it needs both the model rewrites and
 the transcoders). Modules: `replacement` (frozen-attention replacement
 model), `graph` (attribution graphs), `prune` (influence pruning), `export`
 (circuit-tracer / Neuronpedia JSON), `interventions` (graph features in the
-real model).
+real model), `qk` (attention scores split into node pairs).
 """
 
 from gemma_surgery.circuits.export import graph_json, save_graph
@@ -23,11 +23,14 @@ from gemma_surgery.circuits.interventions import (
 )
 from gemma_surgery.circuits.linear import linear_reads
 from gemma_surgery.circuits.prune import Pruned, prune
+from gemma_surgery.circuits.qk import QKAttribution, qk_attribution
 from gemma_surgery.circuits.replacement import Replacement, replacement_model
 from gemma_surgery.circuits.trace import trace_prompt
 
 __all__ = [
   "Graph",
+  "QKAttribution",
+  "qk_attribution",
   "InterventionResult",
   "edit_features",
   "intervene",

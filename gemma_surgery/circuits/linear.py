@@ -38,23 +38,25 @@ def _cast(tree: Any, dtype: Any) -> Any:
   return jax.tree_util.tree_map(cast, tree)
 
 
-def linear_reads(
-  rep: Replacement, dtype: Any = jnp.float32
-) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """``(embed_delta [seq, d], mlp_out [L, seq, d]) -> (mlp_in [L, seq, d],
-  last logits [vocab])`` of the replacement (see module doc)."""
-  n = rep.num_layers
+def site_reads(
+  rep: Replacement, wanted: list[tuple[str, int]], dtype: Any = jnp.float32
+) -> Callable[[jax.Array, jax.Array], tuple[list[pz.nx.NamedArray], jax.Array]]:
+  """``(embed_delta [seq, d], mlp_out [L, seq, d]) -> (values, last logits)``:
+  the replacement's activations at ``wanted`` ``(site, layer)`` pairs (one
+  `NamedArray` each, batch row 0) and its last position's logits."""
   savers = {}
 
-  def saver(i: int) -> SaveIntermediate:
-    savers[i] = SaveIntermediate.fresh("mlp.in", i)
-    return savers[i]
+  def saver(site: str, i: int) -> SaveIntermediate:
+    savers[site, i] = SaveIntermediate.fresh(site, i)
+    return savers[site, i]
 
-  model = sites.insert(rep.model, "mlp.in", None, saver)
+  model = rep.model
+  for site, layer in wanted:
+    model = sites.insert(model, site, layer, lambda i, site=site: saver(site, i))
   unbound, variables = pz.unbind_state_vars(model)
   frozen = _cast(pz.freeze_params(unbound), dtype)
   labels = [v.label for v in variables]
-  read_at = [labels.index(savers[i].saved.label) for i in range(n)]
+  read_at = [labels.index(savers[key].saved.label) for key in wanted]
   tokens = rep.tokens
 
   def reads(embed_delta: jax.Array, mlp_out: jax.Array) -> tuple:
@@ -71,10 +73,23 @@ def linear_reads(
     state = [pz.StateVariableValue(value=None, label=label) for label in labels]
     bound_vars = [v.unfreeze_as_copy() for v in state]
     logits = pz.bind_variables(m, bound_vars)(tokens)
-    mlp_in = jnp.stack(
-      [bound_vars[j].value.unwrap("batch", "seq", "embedding")[0] for j in read_at]
-    )
+    values = [bound_vars[j].value[{"batch": 0}] for j in read_at]
     last = logits.unwrap("batch", "seq", "vocabulary")[0, -1]
-    return mlp_in, last
+    return values, last
+
+  return reads
+
+
+def linear_reads(
+  rep: Replacement, dtype: Any = jnp.float32
+) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """``(embed_delta [seq, d], mlp_out [L, seq, d]) -> (mlp_in [L, seq, d],
+  last logits [vocab])`` of the replacement (see module doc)."""
+  wanted = [("mlp.in", i) for i in range(rep.num_layers)]
+  inner = site_reads(rep, wanted, dtype)
+
+  def reads(embed_delta: jax.Array, mlp_out: jax.Array) -> tuple:
+    values, last = inner(embed_delta, mlp_out)
+    return jnp.stack([v.unwrap("seq", "embedding") for v in values]), last
 
   return reads

@@ -18,8 +18,10 @@ From one clean run on the prompt we record every RMSNorm's scale
   input (`AddInput`, zero by default).
 
 With the recorded values the replacement reproduces the clean logits (up
-to float reassociation). Features at position 0 (BOS) are zeroed: their
-contribution lives in the error node there, as in circuit-tracer.
+to float reassociation). Features at position 0 (BOS) are zeroed, as in
+circuit-tracer: their contribution lives in the error node there
+(circuit-tracer 0.5 also zeroes the BOS error vectors, dropping those edges;
+we keep them, so every row stays complete).
 `linear_reads` is the replacement as a function of what is written at the
 embedding and at every ``mlp.out``, returning each layer's ``mlp.in`` and the
 logits: the affine map attribution graphs differentiate.

@@ -12,7 +12,8 @@ Modules: `autoencoders` (`JumpReLU`, `AutoEncoder`, `Transcoder`), `files` and
 `edits` (clamp/ablate/scale latents), `splice` (model rewrites), `shard`,
 `train` (`train_jumprelu_sae`, Gemma Scope's JumpReLU recipe), `clt` and
 `clt_files` (cross-layer transcoders and per-layer transcoder sets, Gemma
-Scope 2 layouts: `load_clt`, `load_transcoders`).
+Scope 2 layouts: `load_clt`, `load_transcoders`), `splice_clt` (a CLT or
+transcoder set spliced into every MLP, with or without the error term).
 """
 
 from gemma_surgery.sae import features, metrics
@@ -47,9 +48,13 @@ from gemma_surgery.sae.splice import (
   set_edits,
   splice_sae,
 )
+from gemma_surgery.sae.splice_clt import CLTDecode, CLTEncode, splice_clt
 from gemma_surgery.sae.train import train_jumprelu_sae
 
 __all__ = [
+  "CLTDecode",
+  "CLTEncode",
+  "splice_clt",
   "CLTInfo",
   "CrossLayerTranscoder",
   "TranscoderSet",
