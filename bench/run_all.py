@@ -63,6 +63,7 @@ BENCHMARKS = {
   "sae": (["sae.py", "--runs", "7"], ["sae.py", "--runs", "2"]),
   "patching": (["patching.py"], ["patching.py", "--runs", "1"]),
   "forward_capture": (["forward_capture.py"], ["forward_capture.py", "--runs", "5"]),
+  "sweep": (["sweep.py"], ["sweep.py", "--runs", "2"]),
 }
 
 
