@@ -63,6 +63,7 @@ BENCHMARKS = {
   "sae": (["sae.py", "--runs", "7"], ["sae.py", "--runs", "2"]),
   "patching": (["patching.py"], ["patching.py", "--runs", "1"]),
   "forward_capture": (["forward_capture.py"], ["forward_capture.py", "--runs", "5"]),
+  "sweep": (["sweep.py"], ["sweep.py", "--runs", "2"]),
   # Needs CIRCUIT_TRACER_PYTHON (a circuit-tracer venv); otherwise records "not run".
   "circuit_tracer": (["circuit_tracer_parity.py"], ["circuit_tracer_parity.py"]),
 }

@@ -11,7 +11,15 @@ side by side, interleaved, in one run:
 each first call (trace + compile) and the median of ``--runs`` repeats. The
 tokens must agree row by row.
 
-Run: ``python bench/sweep.py`` (``--runs N``).
+Where the time goes (same run, medians): one ``gs.steer`` rewrite (paid 16
+times by both sides), ``stack_rows`` of the 16 edited models, and the
+generation alone (prebuilt models) for 1 and for 16 rows, as wall time and
+as CPU time of this process. ``16 x one row / 16 rows`` of the generation is
+what batching itself gains on this machine: the ceiling of the speed-up
+once the host-side work is negligible (on a CPU the 16-row decode is
+compute-bound, so it costs several single-row decodes).
+
+Run: ``python bench/sweep.py`` (``--runs N``, ``--json F`` for run_all).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import statistics
 import time
 
 import numpy as np
+import record
 
 import gemma_surgery as gs
 
@@ -32,7 +41,9 @@ SCALES = [float(s) for s in np.linspace(-8.0, 8.0, 16)]
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=5)
+  record.add_arguments(parser)
   args = parser.parse_args()
+  rec = record.Recorder.from_args("sweep", args)
   lm = gs.load("tiny", progress=False)
   sae = gs.sae.load_sae("tiny")
   vector = gs.sae.feature_direction(sae, 212)
@@ -74,13 +85,69 @@ def main() -> None:
       times[name].append(time.perf_counter() - start)
   same = bool((results["sweep"] == results["separate"]).all())
   median = {k: statistics.median(v) for k, v in times.items()}
+  parts = _breakdown(lm, edit, args.runs)
   print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
   for name in ("sweep", "separate"):
     print(f"{name:9s} first {first[name]:.2f} s, steady {median[name] * 1e3:.0f} ms")
-  print(
-    f"speed-up sweep / separate (steady): {median['separate'] / median['sweep']:.1f}x"
-  )
+  speedup = median["separate"] / median["sweep"]
+  print(f"speed-up sweep / separate (steady): {speedup:.1f}x")
   print(f"tokens identical row by row: {same}")
+  for label, value, unit in parts.values():
+    print(f"{label}: {value:.1f} {unit}")
+  rec.figure(
+    "sweep_ms", "gs.sweep, 16 rows in one generation", median["sweep"] * 1e3, "ms"
+  )
+  rec.figure(
+    "separate_ms", "16 separate gs.generate calls", median["separate"] * 1e3, "ms"
+  )
+  rec.figure("speedup", "speed-up sweep / separate", speedup, "x", goal=">= 8x")
+  rec.figure("identical", "tokens identical row by row", same)
+  for key, (label, value, unit) in parts.items():
+    rec.figure(key, label, value, unit)
+  rec.save()
+
+
+def _breakdown(lm, edit, runs: int) -> dict[str, tuple[str, float, str]]:
+  """Medians of the sweep's parts (see the module doc), interleaved."""
+  models = [edit(lm.model, s) for s in SCALES]
+  stacked = gs.stack_rows(models)
+  one = {"max_new_tokens": NEW, "tokenizer": lm.tokenizer}
+  steps = {
+    "rewrite": lambda: edit(lm.model, 1.5),
+    "stack": lambda: gs.stack_rows(models),
+    "rows1": lambda: gs.generate(models[0], [PROMPT], **one),
+    "rows16": lambda: gs.generate(stacked, [PROMPT] * 16, **one),
+  }
+  wall: dict[str, list[float]] = {k: [] for k in steps}
+  cpu: dict[str, list[float]] = {k: [] for k in steps}
+  for fn in steps.values():
+    fn()  # compile
+  for _ in range(runs):
+    for name, fn in steps.items():
+      w, c = time.perf_counter(), time.process_time()
+      fn()
+      wall[name].append(time.perf_counter() - w)
+      cpu[name].append(time.process_time() - c)
+  w = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
+  c = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
+  return {
+    "rewrite_ms": ("one gs.steer rewrite", w["rewrite"], "ms"),
+    "stack_ms": ("stack_rows of 16 edited models", w["stack"], "ms"),
+    "gen1_ms": ("generation, 1 row (prebuilt model)", w["rows1"], "ms"),
+    "gen16_ms": ("generation, 16 rows (prebuilt stacked model)", w["rows16"], "ms"),
+    "gen1_cpu_ms": ("generation, 1 row, CPU time", c["rows1"], "ms"),
+    "gen16_cpu_ms": ("generation, 16 rows, CPU time", c["rows16"], "ms"),
+    "batching_gain": (
+      "batching gain of the generation, 16 x 1 row / 16 rows (wall)",
+      16 * w["rows1"] / w["rows16"],
+      "x",
+    ),
+    "batching_gain_cpu": (
+      "batching gain of the generation (CPU time)",
+      16 * c["rows1"] / c["rows16"],
+      "x",
+    ),
+  }
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ from gemma_surgery.errors import (
 )
 from gemma_surgery.generation import (
   GenerationResult,
+  StreamChunk,
   SweepResult,
   generate,
+  generate_stream,
   greedy_generate,
   named_tokens,
   sweep,
@@ -116,7 +118,9 @@ __all__ = [
   "build_model",
   "errors",
   "generate",
+  "generate_stream",
   "GenerationResult",
+  "StreamChunk",
   "greedy_generate",
   "load",
   "make_mesh",

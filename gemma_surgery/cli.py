@@ -244,6 +244,12 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
   srv.add_argument("--max-queue", type=_positive_int, default=256)
   srv.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
   srv.add_argument("--max-new-tokens", type=_positive_int, default=256)
+  srv.add_argument(
+    "--stream-chunk",
+    type=_positive_int,
+    default=8,
+    help="tokens decoded between two sends of a streamed answer",
+  )
   add_distributed(srv)
   return parser, {
     "tour": tour,
@@ -484,6 +490,7 @@ def _serve(args) -> int:
     limits=limits,
     max_batch=args.max_batch,
     mesh=args.mesh_,
+    stream_chunk=args.stream_chunk,
   )
   if not distributed.is_primary():
     engine.follow()  # run what process 0 announces, until it stops

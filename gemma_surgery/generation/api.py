@@ -29,19 +29,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from penzai import pz
 
 from gemma_surgery import errors
-from gemma_surgery.generation import decoding, sampling
-from gemma_surgery.generation.inputs import (
-  PAD_MARK,
-  check_controls,
-  check_model,
-  is_int,
-  mark_left_padding,
-  prompt_array,
-)
+from gemma_surgery.generation import decoding
+from gemma_surgery.generation.calls import KV_CACHE_DTYPES, setup
+from gemma_surgery.generation.inputs import PAD_MARK, mark_left_padding
 from gemma_surgery.host import to_numpy
 from gemma_surgery.parallel import sharding
 from gemma_surgery.surgery import Captures
@@ -56,9 +50,6 @@ __all__ = [
   "greedy_generate",
   "mark_left_padding",
 ]
-
-# Key/value cache dtypes `generate` accepts beside the activation dtype.
-KV_CACHE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,55 +217,38 @@ def generate(
     raise errors.InputError(
       f"return_logits must be True or False, got {return_logits!r}."
     )
-  check_model(model, captures)
-  if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
-    raise errors.InputError(
-      f"kv_cache_dtype={kv_cache_dtype!r} is not supported; valid: None or one"
-      f" of {', '.join(KV_CACHE_DTYPES)}."
-    )
-  vocab = model.metadata.vocab_size
-  check_controls(max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, seed, vocab)
-  ids = prompt_array(prompts, vocab, pad_id, tokenizer)
-  batch, width = ids.shape
-  needed = width + max_new_tokens
-  if cache_len is None:
-    cache_len = needed
-  elif not is_int(cache_len) or cache_len < needed:
-    raise errors.InputError(
-      f"A prompt of {width} tokens plus max_new_tokens={max_new_tokens} needs"
-      f" {needed} cache slots; cache_len={cache_len!r} is too short."
-    )
-  prompt_lengths = (ids != PAD_MARK).sum(axis=1).astype(np.int32)
-  if mesh is None and jax.process_count() > 1:
-    # A model sharded over several processes needs its mesh for the caches.
-    mesh = sharding.spanning_mesh([p.value for p in pz.unbind_params(model)[1]])
-  prepared, leaves = decoding.prepare(
-    model, batch, cache_len, mesh, sharding_rules, kv_cache_dtype
+  call = setup(
+    model,
+    prompts,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=eos_id,
+    seed=seed,
+    pad_id=pad_id,
+    tokenizer=tokenizer,
+    captures=captures,
+    mesh=mesh,
+    cache_len=cache_len,
+    sharding_rules=sharding_rules,
+    kv_cache_dtype=kv_cache_dtype,
   )
-  prompt_in, lengths_in = ids, prompt_lengths
-  if mesh is not None:
-    prompt_in = _on_mesh(ids, ("batch", "seq"), mesh, sharding_rules)
-    lengths_in = _on_mesh(prompt_lengths, ("batch",), mesh, sharding_rules)
-  greedy = temperature == 0
-  controls = {
-    "eos": np.int32(-1 if eos_id is None else eos_id),
-    "pad": np.int32(pad_id),
-    "temperature": np.float32(1.0 if greedy else temperature),
-    "top_k": np.int32(min(top_k or vocab, vocab)),
-    "top_p": np.float32(2.0 if top_p is None or top_p >= 1 else top_p),
-  }
-  # A filter that keeps every token is no filter (same tokens, no extra work).
-  filtered = (top_k is not None and top_k < vocab) or (top_p is not None and top_p < 1)
-  mode = sampling.SamplingMode(greedy=greedy, filtered=not greedy and filtered)
+  ids, prompt_lengths, prepared, needed = (
+    call.ids,
+    call.prompt_lengths,
+    call.prepared,
+    call.needed,
+  )
   out = decoding.decode(
     prepared.structure,
-    leaves,
-    prompt_in,
-    lengths_in,
-    controls,
-    _key(seed),
+    call.leaves,
+    call.prompt,
+    call.lengths,
+    call.controls,
+    call.key,
     max_new_tokens=max_new_tokens,
-    mode=mode,
+    mode=call.mode,
     return_logits=return_logits,
   )
   prepared.write_back(out)
@@ -304,18 +278,6 @@ def generate(
 
 def _named_logits(logits: jax.Array) -> pz.nx.NamedArray:
   return pz.nx.wrap(logits).tag("batch", "seq", "vocabulary")
-
-
-@functools.lru_cache(maxsize=16)
-def _key(seed: int) -> jax.Array:
-  return jax.random.key(seed)
-
-
-def _on_mesh(array: np.ndarray, names: tuple[str, ...], mesh: Mesh, rules) -> Any:
-  spec = sharding.partition_spec(
-    dict(zip(names, array.shape, strict=True)), 0, mesh, rules
-  )
-  return jax.device_put(array, NamedSharding(mesh, spec))
 
 
 def _captured(

@@ -50,6 +50,7 @@ __all__ = [
   "conversion_count",
   "decode",
   "prepare",
+  "step_functions",
   "trace_count",
 ]
 
@@ -68,6 +69,48 @@ def _constrain(array: pz.nx.NamedArray, structure: Structure) -> pz.nx.NamedArra
   return jax.tree_util.tree_map(
     lambda x: jax.lax.with_sharding_constraint(x, spec), array
   )
+
+
+def step_functions(
+  controls: dict[str, jax.Array],
+  prompt_end: jax.Array,
+  batch: int,
+  mode: sampling.SamplingMode,
+) -> tuple[Any, Any]:
+  """The two steps every decode loop takes (called while tracing).
+
+  Returns:
+    ``run(tree, values, tokens) -> (logits, values)``: binds the variable
+    values to the unbound ``tree``, runs ``{batch, seq}`` ``tokens`` with the
+    side input ``generation_prompt_end`` and freezes the variables again;
+    ``choose(logits, rng) -> (token [batch], rng)``: picks the next tokens
+    from ``{batch, vocabulary}`` logits (see `sampling.choose_tokens`).
+  """
+  side = {"generation_prompt_end": pz.nx.wrap(prompt_end).tag("batch")}
+
+  def run(tree, values, tokens):
+    bound = [
+      v.unfreeze_as_copy() if isinstance(v, pz.StateVariableValue) else v
+      for v in values
+    ]
+    logits = pz.bind_variables(tree, bound)(
+      pz.nx.wrap(tokens).tag("batch", "seq"), **side
+    )
+    return logits, [v.freeze() if isinstance(v, pz.StateVariable) else v for v in bound]
+
+  def choose(logits, rng):
+    token, rng = sampling.choose_tokens(
+      logits,
+      rng,
+      mode,
+      temperature=controls["temperature"],
+      top_k=controls["top_k"],
+      top_p=controls["top_p"],
+      batch_axes={"batch": batch},
+    )
+    return token.unwrap("batch"), rng
+
+  return run, choose
 
 
 @functools.partial(
@@ -117,30 +160,8 @@ def decode(
   unbound, values = jax.tree_util.tree_unflatten(structure.treedef, leaves)
   values = list(values)
   batch, n_new = prompt.shape[0], max_new_tokens
-  side = {"generation_prompt_end": pz.nx.wrap(prompt_end).tag("batch")}
+  run, choose = step_functions(controls, prompt_end, batch, mode)
   pad, eos = controls["pad"], controls["eos"]
-
-  def run(tree, values, tokens):
-    bound = [
-      v.unfreeze_as_copy() if isinstance(v, pz.StateVariableValue) else v
-      for v in values
-    ]
-    logits = pz.bind_variables(tree, bound)(
-      pz.nx.wrap(tokens).tag("batch", "seq"), **side
-    )
-    return logits, [v.freeze() if isinstance(v, pz.StateVariable) else v for v in bound]
-
-  def choose(logits, rng):
-    token, rng = sampling.choose_tokens(
-      logits,
-      rng,
-      mode,
-      temperature=controls["temperature"],
-      top_k=controls["top_k"],
-      top_p=controls["top_p"],
-      batch_axes={"batch": batch},
-    )
-    return token.unwrap("batch"), rng
 
   logits, values = run(unbound, values, prompt)
   for i in structure.saver_index:

@@ -1,7 +1,8 @@
 """The HTTP app: OpenAI-compatible completions and Neuronpedia-style steering.
 
 Routes:
-  GET  /health                 ``{"status": "ok", "batches": [rows, ...]}``
+  GET  /health                 ``{"status": "ok", "batches": [rows, ...],
+                               "completed": generations finished}``
   GET  /v1/models              the served model and its steerable SAEs
   POST /v1/completions         OpenAI completions (``stream`` too)
   POST /v1/chat/completions    OpenAI chat completions (``stream`` too)
@@ -11,13 +12,15 @@ Routes:
 Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with a
 4xx status for bad requests (400), a full queue (429), and 500 if a
 generation fails; every request is handled on its own, so one bad request
-never affects another. Streaming sends OpenAI's server-sent events; since a
-row's tokens come out of one fused generation, its chunks are sent once that
-generation has finished.
+never affects another. Streaming sends OpenAI's server-sent events as the
+tokens are decoded: a batch holding a streamed request runs in chunks of
+``Engine.stream_chunk`` tokens (`gemma_surgery.serve.streaming`), the first
+right after the prompt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -31,6 +34,7 @@ from gemma_surgery.serve import protocol
 from gemma_surgery.serve.batcher import Batcher
 from gemma_surgery.serve.engine import Engine, Output
 from gemma_surgery.serve.protocol import Job, RequestError
+from gemma_surgery.serve.streaming import TextStream
 
 __all__ = ["make_app"]
 
@@ -87,13 +91,20 @@ def make_app(
   async def server_error(request, e: Exception):
     return _error(500, f"Generation failed: {type(e).__name__}: {e}")
 
+  def space() -> tuple:
+    return engine.limits, engine.steerable
+
   async def body_of(request: Request) -> dict:
     return protocol.parse_json(await request.body())
 
   @app.get("/health")
   async def health():
     # Rows of the last generations: shows how requests were batched.
-    return {"status": "ok", "batches": batcher.batches[-256:]}
+    return {
+      "status": "ok",
+      "batches": batcher.batches[-256:],
+      "completed": batcher.completed,
+    }
 
   @app.get("/v1/models")
   async def models():
@@ -111,15 +122,13 @@ def make_app(
     n = len(output.tokens)
     return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
-  def stream(job: Job, output: Output, chat: bool, ident: str) -> StreamingResponse:
-    text, reason = _cut(output, job.stop)
-    pieces, sent = [], ""
-    for piece in engine.pieces(output.tokens):
-      if len(sent) + len(piece) > len(text):
-        piece = text[len(sent) :]
-      if piece:
-        pieces.append(piece)
-        sent += piece
+  def stream(job: Job, chat: bool, ident: str) -> StreamingResponse:
+    """Queues the job's row; its text is sent chunk by chunk as decoded."""
+    rows = engine.rows(job)
+    pieces: asyncio.Queue = asyncio.Queue()
+    future = batcher.enqueue(rows, pieces.put_nowait)  # 4xx before streaming
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    text = TextStream(engine.tokenizer, engine.eos_id, job.max_new_tokens, job.stop)
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
@@ -140,23 +149,41 @@ def make_app(
       }
       return f"data: {json.dumps(body)}\n\n"
 
-    def events():
+    async def events():
       if chat:
         yield chunk(None, None, first=True)
-      for piece in pieces:
-        yield chunk(piece, None)
-      yield chunk(None, reason)
+      while text.reason is None:
+        getter = asyncio.ensure_future(pieces.get())
+        await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():  # the generation ended: every piece was queued
+          getter.cancel()
+          if pieces.empty():
+            break
+          continue
+        _, tokens, _ = getter.result()
+        if piece := text.feed(tokens[0]):
+          yield chunk(piece, None)
+      if text.reason is None:  # not done by its chunks (or the batch failed)
+        try:
+          final, reason = _cut((await future)[0], job.stop)
+        except Exception as e:  # noqa: BLE001 - reported in the stream
+          error = {"message": f"Generation failed: {e}", "type": "server_error"}
+          yield f"data: {json.dumps({'error': error})}\n\n"
+          return
+        if piece := text.finish(final, reason):
+          yield chunk(piece, None)
+      yield chunk(None, text.reason)
       yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
   @app.post("/v1/completions")
   async def completions(request: Request):
-    job = protocol.completion_job(await body_of(request), engine.limits, engine.sources)
-    output, prompt = await complete(job)
+    job = protocol.completion_job(await body_of(request), *space())
     ident = f"cmpl-{uuid.uuid4().hex}"
     if job.stream:
-      return stream(job, output, False, ident)
+      return stream(job, False, ident)
+    output, prompt = await complete(job)
     text, reason = _cut(output, job.stop)
     choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
     return {
@@ -170,11 +197,11 @@ def make_app(
 
   @app.post("/v1/chat/completions")
   async def chat(request: Request):
-    job = protocol.chat_job(await body_of(request), engine.limits, engine.sources)
-    output, prompt = await complete(job)
+    job = protocol.chat_job(await body_of(request), *space())
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     if job.stream:
-      return stream(job, output, True, ident)
+      return stream(job, True, ident)
+    output, prompt = await complete(job)
     text, reason = _cut(output, job.stop)
     message = {"role": "assistant", "content": text}
     return {
@@ -188,7 +215,7 @@ def make_app(
 
   @app.post("/v1/steer")
   async def steer(request: Request) -> Any:
-    job = protocol.steer_job(await body_of(request), engine.limits, engine.sources)
+    job = protocol.steer_job(await body_of(request), *space())
     steered, default = await batcher.submit(engine.rows(job))
     return {
       "STEERED": steered.text,

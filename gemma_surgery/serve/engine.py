@@ -9,6 +9,16 @@ of different requests never see each other's edits. Every SAE's point is
 steered in every batch (zeros where no row asks for it), so steered and
 unsteered batches share one structure.
 
+Raw steering vectors of a request (`protocol.Vector`) are added to its row's
+vector at their (site, layer); a (site, layer) no SAE writes joins the
+batch's points only when some row of that batch steers there (a new set of
+points compiles once).
+
+A batch holding a streamed request runs the chunked loop
+(`gemma_surgery.generation.generate_stream`, ``stream_chunk`` tokens per
+chunk): `Engine.run` reports each chunk as it is decoded. Other batches run
+the fused `generate`; both give the same tokens.
+
 Shapes are bucketed so that a stream of requests reuses few compilations:
 the batch is padded to a power of two (with unsteered copies of row 0), the
 prompt width to a multiple of 16 (left padding), and the number of new
@@ -20,7 +30,7 @@ same tokens).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -29,14 +39,16 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors
-from gemma_surgery.generation.api import GenerationResult, generate
+from gemma_surgery.generation.api import generate
+from gemma_surgery.generation.streams import StreamChunk, generate_stream
 from gemma_surgery.host import to_numpy
 from gemma_surgery.parallel import distributed
 from gemma_surgery.sae import AutoEncoder
 from gemma_surgery.sae.splice import check_fits
 from gemma_surgery.serve import relay
-from gemma_surgery.serve.protocol import Job, Limits, RequestError
+from gemma_surgery.serve.protocol import Job, Limits, RequestError, Steerable
 from gemma_surgery.surgery import steer
+from gemma_surgery.surgery.sites import num_layers
 
 __all__ = ["Engine", "Output", "Row", "source_name"]
 
@@ -88,6 +100,7 @@ class Engine:
     max_batch: Most rows in one generation.
     mesh: Device mesh of the model (several processes: every process builds
       the same `Engine`; process 0 serves, the others `follow`).
+    stream_chunk: Tokens decoded between two reports of a streamed batch.
 
   Raises:
     SAEError: An SAE that doesn't fit the model or writes ``attn.z``.
@@ -103,7 +116,13 @@ class Engine:
     limits: Limits = Limits(),  # noqa: B008 - frozen dataclass
     max_batch: int = 32,
     mesh: Any = None,
+    stream_chunk: int = 8,
   ):
+    if isinstance(stream_chunk, bool) or not isinstance(stream_chunk, int):
+      raise errors.InputError(f"stream_chunk must be an int, got {stream_chunk!r}.")
+    if stream_chunk < 1:
+      raise errors.InputError(f"stream_chunk must be >= 1, got {stream_chunk}.")
+    self.stream_chunk = stream_chunk
     self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
     self.mesh, self._stopped = mesh, False
     self.limits, self.max_batch = limits, max_batch
@@ -119,19 +138,28 @@ class Engine:
       rows = to_numpy(sae.w_dec.value.unwrap("latents", "embedding"), np.float32)
       self._saes[source_name(sae)] = (point, np.asarray(rows, np.float32))
     self.dim = model.metadata.embedding_dim
+    self._layers = num_layers(model)
 
   @property
   def sources(self) -> dict[str, int]:
     """SAE name -> number of latents, for request checks."""
     return {name: rows.shape[0] for name, (_, rows) in self._saes.items()}
 
+  @property
+  def steerable(self) -> Steerable:
+    """What requests may steer (for request checks)."""
+    return Steerable(self.sources, self.dim, self._layers)
+
   def vectors(self, job: Job) -> tuple[tuple[tuple[str, int], np.ndarray], ...]:
-    """The job's summed feature directions by (site, layer)."""
+    """The job's summed feature directions and raw vectors by (site, layer)."""
     out: dict[tuple[str, int], np.ndarray] = {}
     for feature in job.features:
       point, rows = self._saes[feature.source]
       vector = out.setdefault(point, np.zeros(self.dim, np.float32))
       vector += np.float32(feature.strength) * rows[feature.index]
+    for raw in job.vectors:
+      vector = out.setdefault((raw.site, raw.layer), np.zeros(self.dim, np.float32))
+      vector += raw.values
     return tuple(sorted(out.items(), key=lambda kv: kv[0]))
 
   def rows(self, job: Job) -> list[Row]:
@@ -153,28 +181,38 @@ class Engine:
       return [steered, Row(ids, job.max_new_tokens, (), sampling)]
     return [steered]
 
-  def run(self, rows: Sequence[Row]) -> list[Output]:
-    """Generates every row in one fused call (rows share their sampling).
+  def run(
+    self,
+    rows: Sequence[Row],
+    progress: Callable[[StreamChunk], None] | None = None,
+  ) -> list[Output]:
+    """Generates every row in one batched call (rows share their sampling).
 
     On several processes (process 0 serving), the batch is first announced
     to the other processes (see `gemma_surgery.serve.relay`), which run the
     same generation.
 
+    Args:
+      rows: The rows.
+      progress: Called (in this thread) with each `StreamChunk` as it is
+        decoded (its rows beyond ``len(rows)`` are padding); None: one
+        fused generation, nothing reported.
+
     Raises:
       ValueError: No rows, more than ``max_batch`` rows, or mixed sampling.
     """
-    plan = self.plan(rows)
+    plan = self.plan(rows, self.stream_chunk if progress is not None else 0)
     if jax.process_count() > 1:
       plan = relay.announce(plan)
-    out = self.execute(plan)
+    tokens, lengths = self.execute(plan, progress)
     results = []
     for i, r in enumerate(rows):
-      tokens = [int(t) for t in out.tokens[i, : min(out.lengths[i], r.max_new_tokens)]]
-      stopped = self.eos_id is not None and self.eos_id in tokens
+      row = [int(t) for t in tokens[i, : min(lengths[i], r.max_new_tokens)]]
+      stopped = self.eos_id is not None and self.eos_id in row
       if stopped:
-        tokens = tokens[: tokens.index(self.eos_id)]
-      text = self.tokenizer.decode(tokens) if tokens else ""
-      results.append(Output(tokens, text, "stop" if stopped else "length"))
+        row = row[: row.index(self.eos_id)]
+      text = self.tokenizer.decode(row) if row else ""
+      results.append(Output(row, text, "stop" if stopped else "length"))
     return results
 
   @property
@@ -183,8 +221,9 @@ class Engine:
     no row asks), so steered and unsteered batches share one structure."""
     return sorted({point for point, _ in self._saes.values()})
 
-  def plan(self, rows: Sequence[Row]) -> relay.Plan:
-    """The padded arrays of one generation (see the module doc)."""
+  def plan(self, rows: Sequence[Row], chunk: int = 0) -> relay.Plan:
+    """The padded arrays of one generation (see the module doc); ``chunk``:
+    tokens per streamed chunk (0: one fused generation)."""
     if not rows or len(rows) > self.max_batch:
       raise ValueError(f"run takes 1..{self.max_batch} rows, got {len(rows)}.")
     if len({r.sampling for r in rows}) != 1:
@@ -198,22 +237,27 @@ class Engine:
     for i in range(batch):
       row = rows[i] if i < len(rows) else rows[0]
       ids[i, width - len(row.ids) :] = row.ids
-    points = self.points
+    points = sorted({*self.points, *(p for r in rows for p, _ in r.vectors)})
     vectors = np.zeros((len(points), batch, self.dim), np.float32)
     for i, r in enumerate(rows):
       for point, v in r.vectors:
         vectors[points.index(point), i] = v
-    return relay.Plan(ids, vectors, new, *rows[0].sampling)
+    return relay.Plan(ids, vectors, new, *rows[0].sampling, tuple(points), chunk)
 
-  def execute(self, plan: relay.Plan) -> GenerationResult:
-    """Runs one planned generation (on every process of a multi-process run)."""
+  def execute(
+    self, plan: relay.Plan, progress: Callable[[StreamChunk], None] | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Runs one planned generation (on every process of a multi-process run).
+
+    Returns:
+      ``tokens`` ``[batch, new]`` and ``lengths`` ``[batch]`` (as
+      `generate`'s), also when the plan streams.
+    """
     model = self.model
-    for (site, layer), vectors in zip(self.points, plan.vectors, strict=True):
+    for (site, layer), vectors in zip(plan.points, plan.vectors, strict=True):
       named = pz.nx.wrap(jnp.asarray(vectors)).tag("batch", "embedding")
       model = steer(model, site, layer, named, 1.0)
-    return generate(
-      model,
-      plan.ids,
+    kwargs = dict(
       max_new_tokens=plan.new,
       temperature=plan.temperature,
       top_p=plan.top_p,
@@ -222,11 +266,21 @@ class Engine:
       pad_id=0,
       mesh=self.mesh,
     )
+    if not plan.chunk:
+      out = generate(model, plan.ids, **kwargs)
+      return out.tokens, out.lengths
+    tokens = np.zeros((plan.ids.shape[0], plan.new), np.int32)
+    for chunk in generate_stream(model, plan.ids, chunk_tokens=plan.chunk, **kwargs):
+      tokens[:, chunk.start : chunk.start + chunk.tokens.shape[1]] = chunk.tokens
+      lengths = chunk.lengths
+      if progress is not None:
+        progress(chunk)
+    return tokens, lengths
 
   def follow(self) -> None:
     """On processes other than 0: run every generation process 0 announces,
     until it announces the end (`stop_followers`); then leave the run."""
-    while (plan := relay.receive(len(self.points), self.dim)) is not None:
+    while (plan := relay.receive(self.dim)) is not None:
       self.execute(plan)
     distributed.shutdown()
 
@@ -239,18 +293,3 @@ class Engine:
       self._stopped = True
       relay.stop()
       distributed.shutdown()
-
-  def pieces(self, tokens: Sequence[int]) -> list[str]:
-    """Text pieces whose concatenation is the decoded text (for streaming)."""
-    pieces, previous = [], ""
-    for k in range(1, len(tokens) + 1):
-      text = self.tokenizer.decode(list(tokens[:k]))
-      if text.startswith(previous) and len(text) > len(previous):
-        pieces.append(text[len(previous) :])
-        previous = text
-    full = self.tokenizer.decode(list(tokens)) if tokens else ""
-    if full != previous:  # a piece that changed earlier text: send the rest
-      pieces = (
-        [full] if not full.startswith(previous) else [*pieces, full[len(previous) :]]
-      )
-    return pieces

@@ -14,13 +14,19 @@ Both OpenAI shapes take a steering extension in the body (with the official
 client: ``extra_body={"steering": {...}}``)::
 
     "steering": {"features": [{"source": "2-res", "index": 212, "strength": 40}],
+                 "vectors": [{"site": "resid_post", "layer": 2,
+                              "vector": [0.1, ...], "strength": 4.0}],
                  "strength_multiplier": 1.0}
 
 Each feature adds ``strength * strength_multiplier * W_dec[index]`` of the
 SAE named ``source`` (Neuronpedia's ``layer`` field is accepted as a synonym)
 at that SAE's site and layer, on every position (Neuronpedia's simple
-additive steering). Every problem raises `RequestError` with an HTTP status
-and a message naming the field.
+additive steering). Each raw vector (``vectors``, also accepted at
+``/v1/steer``) adds ``strength * strength_multiplier * vector`` (``strength``
+defaults to 1) at ``site`` and ``layer``: ``vector`` is a list of the
+model's width of finite numbers and ``site`` one of `STEER_SITES`. Every
+problem raises `RequestError` with an HTTP status and a message naming the
+field.
 """
 
 from __future__ import annotations
@@ -30,7 +36,28 @@ import json
 import math
 from typing import Any
 
-__all__ = ["Feature", "Job", "Limits", "RequestError", "parse_json"]
+import numpy as np
+
+__all__ = [
+  "Feature",
+  "Job",
+  "Limits",
+  "RequestError",
+  "STEER_SITES",
+  "Steerable",
+  "Vector",
+  "parse_json",
+]
+
+# Sites a raw steering vector may be added at: per-layer ``{embedding}`` sites.
+STEER_SITES = (
+  "resid_pre",
+  "attn.out",
+  "resid_mid",
+  "mlp.in",
+  "mlp.out",
+  "resid_post",
+)
 
 
 class RequestError(Exception):
@@ -64,6 +91,26 @@ class Feature:
 
 
 @dataclasses.dataclass(frozen=True)
+class Vector:
+  """One raw steering vector: ``values`` (``[embedding]`` float32, strength
+  included) added at ``site`` and ``layer``."""
+
+  site: str
+  layer: int
+  values: np.ndarray = dataclasses.field(compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steerable:
+  """What requests may steer: SAE ``sources`` (name -> number of latents),
+  and raw vectors of ``dim`` numbers at `STEER_SITES` of ``layers`` layers."""
+
+  sources: dict[str, int]
+  dim: int
+  layers: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
   """A checked request before tokenization.
 
@@ -77,6 +124,7 @@ class Job:
     stop: Strings that end the text (the text stops before them).
     stream: Answer as server-sent events.
     features: Steering features (empty: unsteered).
+    vectors: Raw steering vectors.
     model: The ``model`` field echoed back.
   """
 
@@ -89,6 +137,7 @@ class Job:
   stop: tuple[str, ...] = ()
   stream: bool = False
   features: tuple[Feature, ...] = ()
+  vectors: tuple[Vector, ...] = ()
   model: str = ""
 
 
@@ -169,14 +218,67 @@ def _features(items: Any, multiplier: float, sources: dict[str, int], where: str
   return tuple(out)
 
 
-def _steering(body: dict, sources: dict[str, int]) -> tuple[Feature, ...]:
+def _vectors(items: Any, multiplier: float, space: Steerable, where: str):
+  if items is None:
+    return ()
+  if not isinstance(items, list):
+    raise RequestError(f"{where}vectors must be a list.", param="vectors")
+  out = []
+  for i, item in enumerate(items):
+    name = f"{where}vectors[{i}]"
+    if not isinstance(item, dict):
+      raise RequestError(f"{name} must be an object.", param="vectors")
+    site, layer = item.get("site", "resid_post"), item.get("layer")
+    if site not in STEER_SITES:
+      raise RequestError(
+        f"{name}: site {site!r} can't be steered; valid: {', '.join(STEER_SITES)}.",
+        param="vectors",
+      )
+    if isinstance(layer, bool) or not isinstance(layer, int):
+      raise RequestError(f"{name}: layer must be an integer.", param="vectors")
+    if not 0 <= layer < space.layers:
+      raise RequestError(
+        f"{name}: layer {layer} is out of range; valid: 0..{space.layers - 1}.",
+        param="vectors",
+      )
+    values = item.get("vector")
+    if not isinstance(values, list) or len(values) != space.dim:
+      size = len(values) if isinstance(values, list) else type(values).__name__
+      raise RequestError(
+        f"{name}: vector must be a list of {space.dim} numbers (the model's"
+        f" width), got {size}.",
+        param="vectors",
+      )
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+      raise RequestError(f"{name}: vector must hold numbers only.", param="vectors")
+    strength = item.get("strength", 1.0)
+    if isinstance(strength, bool) or not isinstance(strength, int | float):
+      raise RequestError(f"{name}: strength must be a number.", param="vectors")
+    scaled = np.asarray(values, np.float64) * (float(strength) * multiplier)
+    if not np.isfinite(scaled).all():
+      raise RequestError(
+        f"{name}: vector x strength {strength} x strength_multiplier"
+        f" {multiplier} has entries that are not finite numbers (NaN/Infinity"
+        " or overflow).",
+        param="vectors",
+      )
+    out.append(Vector(site, layer, scaled.astype(np.float32)))
+  return tuple(out)
+
+
+def _steering(body: dict, space: Steerable):
   steering = body.get("steering")
   if steering is None:
-    return ()
+    return {}
   if not isinstance(steering, dict):
     raise RequestError("steering must be an object.", param="steering")
   multiplier = _number(steering, "strength_multiplier", 1.0, -1e6, 1e6)
-  return _features(steering.get("features"), multiplier, sources, "steering.")
+  return {
+    "features": _features(
+      steering.get("features"), multiplier, space.sources, "steering."
+    ),
+    "vectors": _vectors(steering.get("vectors"), multiplier, space, "steering."),
+  }
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -208,14 +310,14 @@ def _text(value: Any, key: str) -> str:
   return value
 
 
-def completion_job(body: dict, limits: Limits, sources: dict[str, int]) -> Job:
+def completion_job(body: dict, limits: Limits, space: Steerable) -> Job:
   """An OpenAI completions body (``prompt`` a string)."""
   return Job(
     kind="completion",
     prompt=_text(body.get("prompt"), "prompt"),
     stop=_stop(body),
     stream=bool(body.get("stream", False)),
-    features=_steering(body, sources),
+    **_steering(body, space),
     model=str(body.get("model", "")),
     **_controls(body, limits, "max_tokens", 16),
   )
@@ -247,7 +349,7 @@ def chat_template(messages: Any) -> str:
   return "".join(turns) + "<start_of_turn>model\n"
 
 
-def chat_job(body: dict, limits: Limits, sources: dict[str, int]) -> Job:
+def chat_job(body: dict, limits: Limits, space: Steerable) -> Job:
   """An OpenAI chat completions body."""
   tokens_key = (
     "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -257,13 +359,13 @@ def chat_job(body: dict, limits: Limits, sources: dict[str, int]) -> Job:
     prompt=chat_template(body.get("messages")),
     stop=_stop(body),
     stream=bool(body.get("stream", False)),
-    features=_steering(body, sources),
+    **_steering(body, space),
     model=str(body.get("model", "")),
     **_controls(body, limits, tokens_key, 16),
   )
 
 
-def steer_job(body: dict, limits: Limits, sources: dict[str, int]) -> Job:
+def steer_job(body: dict, limits: Limits, space: Steerable) -> Job:
   """Neuronpedia's steer request (its completion form)."""
   method = body.get("steer_method", "SIMPLE_ADDITIVE")
   if method != "SIMPLE_ADDITIVE":
@@ -274,14 +376,18 @@ def steer_job(body: dict, limits: Limits, sources: dict[str, int]) -> Job:
   if body.get("freq_penalty", 0) not in (0, 0.0, None):
     raise RequestError("freq_penalty is not supported (use 0).", param="freq_penalty")
   multiplier = _number(body, "strength_multiplier", 1.0, -1e6, 1e6)
-  features = _features(body.get("features"), multiplier, sources, "")
-  if not features:
-    raise RequestError("features must list at least one feature.", param="features")
+  features = _features(body.get("features"), multiplier, space.sources, "")
+  vectors = _vectors(body.get("vectors"), multiplier, space, "")
+  if not features and not vectors:
+    raise RequestError(
+      "features (or vectors) must list at least one feature.", param="features"
+    )
   controls = _controls(body, limits, "n_tokens", 16)
   return Job(
     kind="steer",
     prompt=_text(body.get("prompt"), "prompt"),
     features=features,
+    vectors=vectors,
     model=str(body.get("modelId", "")),
     **controls,
   )

@@ -57,21 +57,53 @@ def expert_mask(model: Any, experts: int | Iterable[int]) -> np.ndarray:
   return mask
 
 
+def row_mask(model: Any, mask: pz.nx.NamedArray) -> pz.nx.NamedArray:
+  """A checked per-row ``{batch, experts}`` ablation mask as float factors.
+
+  Raises:
+    SurgeryError: Other axes than ``batch`` and ``experts``, no ``experts``
+      axis or one of another size than ``num_experts``, non-bool/0-1 values.
+  """
+  n = num_experts(model)
+  shape = dict(mask.named_shape)
+  other = set(shape) - {"batch", "experts"}
+  if mask.positional_shape or other or "experts" not in shape:
+    raise errors.SurgeryError(
+      f"A per-row expert mask has named axes {{batch, experts}}; got"
+      f" {shape} (positional {mask.positional_shape})."
+    )
+  if shape["experts"] != n:
+    raise errors.SurgeryError(
+      f"The expert mask has experts={shape['experts']}; this model has {n}."
+    )
+  values = np.asarray(mask.data_array)
+  if values.dtype != bool and not np.isin(values, (0, 1)).all():
+    raise errors.SurgeryError("An expert mask holds bools (or 0/1): True = ablate.")
+  return pz.nx.nmap(lambda m: 1.0 - m.astype(jnp.float32))(mask)
+
+
 def ablate_experts(
-  model: Any, layers: int | Iterable[int] | None, experts: int | Iterable[int]
+  model: Any,
+  layers: int | Iterable[int] | None,
+  experts: int | Iterable[int] | pz.nx.NamedArray,
 ) -> Any:
   """Removes chosen experts' contributions at ``layers`` (routing weight 0).
 
   Args:
     model: A Gemma 4 MoE model (not modified).
     layers: Layer(s), or None for all.
-    experts: Expert index or indices.
+    experts: Expert index or indices; or a per-row ``{batch, experts}`` bool
+      NamedArray (True = ablated in that row; run the model on exactly
+      ``batch`` rows), the form `gs.stack_rows` gives a sweep of ablations.
 
   Raises:
-    SiteError: No MoE layers. SurgeryError: bad expert indices.
+    SiteError: No MoE layers. SurgeryError: bad expert indices or mask.
   """
-  factors = pz.nx.wrap(jnp.asarray(~expert_mask(model, experts), jnp.float32))
-  factors = factors.tag("experts")
+  if isinstance(experts, pz.nx.NamedArray | pz.nx.NamedArrayView):
+    factors = row_mask(model, experts)
+  else:
+    factors = pz.nx.wrap(jnp.asarray(~expert_mask(model, experts), jnp.float32))
+    factors = factors.tag("experts")
   return sites.insert(model, "moe.weights", layers, lambda _: ExpertMask(factors))
 
 

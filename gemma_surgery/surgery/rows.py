@@ -16,6 +16,10 @@ along a new leading ``batch`` axis. The stacked leaves are ordinary array
 leaves: a model stacked from other values of the same edits has the same
 structure, so the fused generation loop does not recompile.
 
+Only what differs is visited: subtrees shared by every model (the same
+object: rewrites copy just the path to what they insert) are kept as they
+are, so stacking N steered copies costs little more than N short paths.
+
 Row independence: a layer that mixes rows (mean ablation over ``batch``)
 would make row ``i`` depend on the others and is refused, as are capture
 layers (insert captures after stacking: one capture then records every row).
@@ -30,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
+from penzai.core import tree_util as pz_tree_util
 
 from gemma_surgery import errors
 from gemma_surgery.surgery.layers.ablate import Ablate
@@ -63,15 +68,6 @@ def stack_rows(models: Sequence[Any]) -> Any:
   models = list(models)
   if not models:
     raise errors.SurgeryError("stack_rows needs at least one model.")
-  flat = [jax.tree_util.tree_flatten(m, is_leaf=_is_leaf) for m in models]
-  treedef = flat[0][1]
-  for i, (_, other) in enumerate(flat[1:], start=1):
-    if other != treedef:
-      raise errors.SurgeryError(
-        f"stack_rows: model {i} has another structure than model 0 (other"
-        " layers, sites or static settings such as positions=/relative=);"
-        " per-row edits may differ only in array values."
-      )
   for layer in pz.select(models[0]).at_instances_of(Ablate).get_sequence():
     if layer.mode == "mean" and "batch" in layer.mean_axes:
       raise errors.SurgeryError(
@@ -79,10 +75,36 @@ def stack_rows(models: Sequence[Any]) -> Any:
         " so each row would depend on the others. Use mean_axes=('seq',) or a"
         " mean computed beforehand (mode='value')."
       )
-  n = len(models)
-  columns = zip(*(leaves for leaves, _ in flat), strict=True)
-  stacked = [_stack(column, n) for column in columns]
-  return jax.tree_util.tree_unflatten(treedef, stacked)
+  return _merge(models, len(models))
+
+
+def _merge(nodes: list[Any], n: int) -> Any:
+  """One subtree position across the N models (see `stack_rows`).
+
+  A subtree that is the same object in every model (all of the model that
+  the edits did not touch, since rewrites copy only the paths to what they
+  insert) is kept without looking inside; elsewhere the models are compared
+  one level at a time and their leaves merged by `_stack`.
+  """
+  first = nodes[0]
+  if all(node is first for node in nodes):
+    return first
+  flats = [
+    None if _is_leaf(node) else pz_tree_util.tree_flatten_exactly_one_level(node)
+    for node in nodes
+  ]
+  if all(flat is None for flat in flats):
+    return _stack(tuple(nodes), n)
+  treedef = None if flats[0] is None else flats[0][1]
+  for i, flat in enumerate(flats[1:], start=1):
+    if flat is None or treedef is None or flat[1] != treedef:
+      raise errors.SurgeryError(
+        f"stack_rows: model {i} has another structure than model 0 (other"
+        " layers, sites or static settings such as positions=/relative=);"
+        " per-row edits may differ only in array values."
+      )
+  columns = zip(*([child for _, child in flat[0]] for flat in flats), strict=True)
+  return treedef.unflatten([_merge(list(column), n) for column in columns])
 
 
 def _stack(column: tuple[Any, ...], n: int) -> Any:

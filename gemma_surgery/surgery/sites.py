@@ -58,7 +58,7 @@ from penzai.models.transformer import model_parts
 
 from gemma_surgery import errors
 from gemma_surgery.model import gemma4
-from gemma_surgery.surgery import heads, sites_gemma4
+from gemma_surgery.surgery import heads, placing, sites_gemma4
 from gemma_surgery.surgery.layers.base import SurgeryLayer
 
 
@@ -235,10 +235,11 @@ def _body_owner(model: Any) -> Any:
 
 def num_layers(model: Any) -> int:
   """Number of `TransformerBlock`s in ``model``."""
-  return (
-    pz.select(_body_owner(model).body)
-    .at_instances_of(model_parts.TransformerBlock)
-    .count()
+  body = _body_owner(model).body
+  return placing.memo(
+    model,
+    "num_layers",
+    lambda: pz.select(body).at_instances_of(model_parts.TransformerBlock).count(),
   )
 
 
@@ -486,10 +487,21 @@ def insert(
   Returns:
     The rewritten model.
   """
-  selection = select(model, site, layers)
-  indices = [None] if not site_info(site).per_layer else layer_indices(model, layers)
-  made = iter([make_layer(i) for i in sorted(indices, key=lambda i: (i is None, i))])
-  return selection.apply_and_inline(lambda node: [node, next(made)])
+  per_layer = site_info(site).per_layer
+  if not per_layer and layers is not None:
+    raise errors.SiteError(f"Site {site!r} is global: pass layers=None.")
+  indices = layer_indices(model, layers) if per_layer else [None]
+  made = [make_layer(i) for i in sorted(indices, key=lambda i: (i is None, i))]
+  key = ("anchors", site, None if indices == [None] else tuple(indices))
+  paths = placing.memo(
+    model, key, lambda: tuple(select(model, site, layers).selected_by_path)
+  )
+  try:  # copies only the nodes on the anchors' paths (see `placing`)
+    return placing.insert_after(model, paths, made)
+  except placing.Unsupported:
+    layers_made = iter(made)
+    selection = pz.select(model).at_keypaths(paths)
+    return selection.apply_and_inline(lambda node: [node, next(layers_made)])
 
 
 def sites_table() -> Sequence[tuple[str, str, str, str]]:

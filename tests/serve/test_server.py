@@ -8,13 +8,17 @@ answer is compared with the library's `gs.generate` under the same edit.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 from helpers.paths import ROOT
 from helpers.processes import free_port, launch, wait_all
+from penzai import pz
 
 import gemma_surgery as gs
 from gemma_surgery.serve.protocol import chat_template
@@ -31,7 +35,7 @@ def server(tmp_path_factory):
   log = tmp_path_factory.mktemp("serve") / "server.log"
   args = ["-m", "gemma_surgery", "serve", "--model", "tiny", "--sae", "tiny"]
   args += ["--port", str(port), "--max-prompt-tokens", "64", "--max-new-tokens", "32"]
-  args += ["--window-ms", "50"]
+  args += ["--window-ms", "50", "--stream-chunk", "2"]
   proc = launch(args, devices=1, log=log, extra_path=[ROOT])
   url = f"http://127.0.0.1:{port}"
   deadline = time.monotonic() + 180
@@ -111,10 +115,42 @@ def test_openai_chat_and_streaming(client, lm, sae):
     extra_body=steering(20.0),
   )
   assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
-  pieces = client.completions.create(
-    model="tiny", prompt=PROMPTS[1], max_tokens=NEW, stream=True
+  new = 16
+  pieces = list(
+    client.completions.create(
+      model="tiny", prompt=PROMPTS[1], max_tokens=new, stream=True
+    )
   )
-  assert "".join(c.choices[0].text for c in pieces) == library(lm, sae, PROMPTS[1])
+  texts = [c.choices[0].text for c in pieces if c.choices[0].text]
+  # Sent as decoded: the first token, then chunks of 2 (--stream-chunk 2).
+  assert len(texts) > 3
+  assert "".join(texts) == library(lm, sae, PROMPTS[1], new=new)
+  assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def raw(vector, layer=1, strength=3.0, site="resid_post"):
+  item = {"site": site, "layer": layer, "vector": vector, "strength": strength}
+  return {"steering": {"vectors": [item]}}
+
+
+def test_raw_steering_vector_equals_the_library(client, lm):
+  vector = np.random.default_rng(7).standard_normal(256).astype(np.float32)
+  named = pz.nx.wrap(jnp.asarray(vector)).tag("embedding")
+  model = gs.steer(lm.model, "resid_post", 1, named, 3.0)
+  out = gs.generate(
+    model, [PROMPTS[0]], max_new_tokens=NEW, tokenizer=lm.tokenizer, eos_id=1
+  )
+  answer = client.completions.create(
+    model="tiny",
+    prompt=PROMPTS[0],
+    max_tokens=NEW,
+    extra_body=raw([float(v) for v in vector]),
+  )
+  assert answer.choices[0].text == out.text[0]
+  plain = gs.generate(
+    lm.model, [PROMPTS[0]], max_new_tokens=NEW, tokenizer=lm.tokenizer, eos_id=1
+  )
+  assert out.text[0] != plain.text[0]  # the vector does something
 
 
 def test_neuronpedia_steer_shape(server, lm, sae):
@@ -200,6 +236,31 @@ def test_32_concurrent_requests_get_their_own_steering(server, lm, sae):
       "chat/completions",
       b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}',
       "max_tokens=33 is out of range",
+    ),
+    (
+      "completions",
+      json.dumps({"prompt": "hi", **raw([0.5] * 255)}).encode(),
+      "list of 256 numbers (the model's width), got 255",
+    ),
+    (
+      "completions",
+      json.dumps({"prompt": "hi", **raw([0.5] * 255 + [float("nan")])}).encode(),
+      "not finite",
+    ),
+    (
+      "completions",
+      json.dumps({"prompt": "hi", **raw([0.5] * 256, layer=6)}).encode(),
+      "layer 6 is out of range; valid: 0..5",
+    ),
+    (
+      "steer",
+      json.dumps(
+        {
+          "prompt": "hi",
+          "vectors": raw([0.5] * 256, site="attn.z")["steering"]["vectors"],
+        }
+      ).encode(),
+      "site 'attn.z' can't be steered",
     ),
   ],
 )
