@@ -56,8 +56,10 @@ def _load_line(bench: dict) -> str:
 
 def render_benchmark(name: str, bench: dict) -> str:
   """The Markdown block of one benchmark (without markers)."""
+  when = f" ({bench['date']})" if bench.get("date") else ""
   lines = [
-    f"`{bench.get('command', name)}` — {_load_line(bench)}, {bench['seconds']:.0f} s",
+    f"`{bench.get('command', name)}`{when} — {_load_line(bench)},"
+    f" {bench['seconds']:.0f} s",
     "",
   ]
   if bench.get("error"):
@@ -77,7 +79,7 @@ def render_run(meta: dict) -> str:
   """The header block: when, where, with what, and the load rule."""
   return "\n".join(
     [
-      f"Run {meta['date']} with `{meta['command']}`: jax {meta['jax']},"
+      f"Latest run {meta['date']} with `{meta['command']}`: jax {meta['jax']},"
       f" penzai {meta['penzai']}, Python {meta['python']}, {meta['cpus']} CPUs"
       f" ({meta['platform']}).",
       "",

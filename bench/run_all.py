@@ -21,7 +21,9 @@ before each benchmark for the load average to fall below 0.5 per core.
 Results go to ``bench/results/latest.json`` (``--results``); the tables in
 BENCHMARKS.md between ``<!-- bench:begin NAME -->`` markers are rewritten from
 them by `report.update_markdown` (``--no-write`` to skip; ``--from-results F``
-rewrites from an earlier results file without running anything).
+rewrites from an earlier results file without running anything). ``--only``
+replaces just those benchmarks' records in the results file and keeps the
+others; every record carries the date it was measured.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ def run_one(name: str, argv: list[str]) -> dict:
     record = monitor.finish(own)
     record.update(
       command=" ".join(["python", "bench/" + argv[0], *argv[1:]]),
+      date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
       load_before=round(load_before, 2),
     )
     if record["other_cpu"] is None:
@@ -207,6 +210,9 @@ def main() -> None:
       f" {a}" for a in sys.argv[1:] if a != "--no-write"
     )
     results = {"meta": meta(command), "benchmarks": {}}
+    if args.only and args.results.exists():
+      # Keep the other benchmarks' records (each carries its own date).
+      results["benchmarks"] = json.loads(args.results.read_text())["benchmarks"]
     for name in args.only or BENCHMARKS:
       if args.wait_quiet:
         wait_quiet(args.wait_quiet)
