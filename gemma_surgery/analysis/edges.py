@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
+from treescope import repr_lib
 
-from gemma_surgery import errors
+from gemma_surgery import errors, viz
 from gemma_surgery.analysis import gradients
 from gemma_surgery.host import to_numpy
 from gemma_surgery.surgery import heads
@@ -104,6 +105,41 @@ class EdgeAttribution:
         raise errors.InputError(f"top_k={top_k!r} must be a positive int.")
       kept = kept[:top_k]
     return dataclasses.replace(self, edges=list(kept))
+
+  def matrix(self) -> tuple[list[str], list[str], pz.nx.NamedArray]:
+    """``(senders, receivers, {sender, receiver} scores)``, 0 where no edge."""
+    senders = list(dict.fromkeys(e.sender for e in self.edges))
+    receivers = list(dict.fromkeys(e.receiver for e in self.edges))
+    row = {n: i for i, n in enumerate(senders)}
+    col = {n: i for i, n in enumerate(receivers)}
+    out = np.zeros((len(senders), len(receivers)), np.float32)
+    for e in self.edges:
+      out[row[e.sender], col[e.receiver]] = e.score
+    return senders, receivers, pz.nx.wrap(jnp.asarray(out)).tag("sender", "receiver")
+
+  def heatmap(self, **kwargs: Any) -> viz.Heatmap:
+    """The `matrix` as a `gemma_surgery.viz.heatmap` (prune first to keep it
+    small); ``kwargs`` override the defaults."""
+    senders, receivers, scores = self.matrix()
+    defaults = {
+      "row_labels": senders,
+      "col_labels": receivers,
+      "value_label": "score",
+      "title": "Edge attribution",
+    }
+    return viz.heatmap(scores, **{**defaults, **kwargs})
+
+  def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+    """Treescope shows the edges and the ``{sender, receiver}`` matrix."""
+    attributes = {
+      "edges": self.edges,
+      "clean": self.clean,
+      "corrupted": self.corrupted,
+      "matrix": self.matrix()[2],
+    }
+    return repr_lib.render_object_constructor(
+      type(self), attributes, path, subtree_renderer
+    )
 
   def nodes(self) -> set[str]:
     """Components on the kept edges (receiver ports folded into their node:
