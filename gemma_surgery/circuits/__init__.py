@@ -9,12 +9,12 @@ A wing above ``analysis`` and ``sae`` (it needs both the model rewrites and
 the transcoders). Modules: `replacement` (frozen-attention replacement
 model), `graph` (attribution graphs), `prune` (influence pruning), `export`
 (circuit-tracer / Neuronpedia JSON), `interventions` (graph features in the
-real model), `feature_attribution` (activation × gradient of SAE/transcoder
+real model), `features` (activation × gradient of SAE/transcoder
 features spliced with their error term, and exact single-feature ablations).
 """
 
 from gemma_surgery.circuits.export import graph_json, save_graph
-from gemma_surgery.circuits.feature_attribution import (
+from gemma_surgery.circuits.features import (
   FeatureAttribution,
   feature_ablation_effects,
   feature_attribution,

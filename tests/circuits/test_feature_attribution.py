@@ -11,7 +11,7 @@ import pytest
 import gemma_surgery as gs
 from gemma_surgery import errors
 from gemma_surgery.analysis import attribution, gradients, patching
-from gemma_surgery.circuits import feature_attribution as fa
+from gemma_surgery.circuits import features as fa
 from gemma_surgery.tour.run import induction_patching_prompts
 
 
