@@ -17,7 +17,10 @@ bare array take ``named=True`` (see `named` for the axis names).
   batch in one jitted forward and backward (zero-valued taps); metrics
   `log_prob`, `kl_to_clean` beside `logit_difference`.
 * `attribution`: attribution patching (AtP, AtP* with the QK fix in
-  `qk_fix`, integrated gradients), compared with exact sweeps.
+  `qk_fix` and GradDrop, integrated gradients), compared with exact sweeps.
+* `direct_logit`: direct logit attribution of heads, MLPs and neurons
+  through the frozen final norm.
+* `edges`: edge attribution patching (sender → receiver scores, pruning).
 * `random_tokens`: which ids random-token analyses draw (`token_pool`) and
   repeated random sequences.
 """
@@ -25,6 +28,8 @@ bare array take ``named=True`` (see `named` for the axis names).
 from gemma_surgery.analysis import (
   attention,
   attribution,
+  direct_logit,
+  edges,
   gradients,
   named,
   neurons,
@@ -50,6 +55,11 @@ from gemma_surgery.analysis.attribution import (
   spearman,
   top_k_recall,
 )
+from gemma_surgery.analysis.direct_logit import (
+  DirectLogitAttribution,
+  direct_logit_attribution,
+)
+from gemma_surgery.analysis.edges import Edge, EdgeAttribution, edge_attribution
 from gemma_surgery.analysis.gradients import (
   SiteGradients,
   kl_to_clean,
@@ -74,6 +84,9 @@ from gemma_surgery.surgery.readout import readout_head, top_tokens
 
 __all__ = [
   "AttributionResult",
+  "DirectLogitAttribution",
+  "Edge",
+  "EdgeAttribution",
   "InductionResult",
   "LogitLens",
   "NeuronTokens",
@@ -85,7 +98,11 @@ __all__ = [
   "attribution",
   "attribution_patching",
   "compare_neuron_edits",
+  "direct_logit",
+  "direct_logit_attribution",
   "duplicate_token_scores",
+  "edge_attribution",
+  "edges",
   "gradients",
   "induction_scores",
   "induction_token_scores",

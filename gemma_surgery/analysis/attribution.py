@@ -12,6 +12,19 @@ exactly with one forward per patch — from one forward and backward:
   is computed exactly (through the model's own scoring, soft cap, mask and
   softmax) and only the rest of the network is linearised, which repairs
   AtP's failures where the softmax saturates. Elsewhere it equals AtP.
+* ``method="graddrop"``: AtP*'s GradDrop (Kramár et al. 2024, section
+  3.1.2), against cancellation between paths. For every layer ``ℓ`` the
+  backward pass is re-run with the gradient through layer ``ℓ``'s residual
+  contributions (its ``attn.out`` and ``mlp.out``) zeroed by a
+  `GradientGate` (forward unchanged), giving ``AtP_ℓ``; the estimate is
+
+      GD(n) = 1/(L − 1) · Σ_ℓ |AtP_ℓ(n) − AtP(n)|,   ℓ = 0..L−1
+
+  a non-negative estimate of ``|effect|`` (compare with ``|exact|``:
+  `AttributionResult.agreement` does). ``AtP_ℓ − AtP`` is minus the part of
+  AtP flowing through layer ``ℓ``: layers below the node contribute 0, the
+  node's own layer (for head/MLP outputs) its whole AtP. ``L`` backward
+  passes, each one jitted call sharing one compilation.
 * ``method="ig"``: integrated gradients along the straight line from the
   corrupted to the clean activation of each layer (all of the layer's
   positions together), ``steps`` midpoint-rule points vmapped into one call
@@ -26,6 +39,7 @@ batch); ``result.scores`` adds the corrupted metric back to line up with
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -40,8 +54,9 @@ from gemma_surgery.analysis.patching import PatchingResult
 from gemma_surgery.generation.inputs import named_tokens
 from gemma_surgery.host import to_numpy
 from gemma_surgery.surgery import sites
+from gemma_surgery.surgery.layers.tap import GradientGate
 
-METHODS = ("atp", "atp*", "ig")
+METHODS = ("atp", "atp*", "ig", "graddrop")
 BY = ("position", "head", "head_position")
 
 
@@ -66,7 +81,7 @@ class AttributionResult(NamedResult):
   Attributes:
     site: The site.
     by: ``"position"``, ``"head"`` or ``"head_position"``.
-    method: ``"atp"``, ``"atp*"`` or ``"ig"``.
+    method: ``"atp"``, ``"atp*"``, ``"ig"`` or ``"graddrop"``.
     layers: Row labels: the layers.
     effects: ``[layer, seq]``, ``[layer, heads]`` or ``[layer, seq, heads]``
       estimated ``metric(patched) − metric(corrupted)``.
@@ -119,6 +134,8 @@ class AttributionResult(NamedResult):
         f" {exact.scores.shape}."
       )
     true = (exact.scores - exact.corrupted).reshape(-1)
+    if self.method == "graddrop":  # estimates of |effect|
+      true = np.abs(true)
     est = self.effects.reshape(-1)
     return {
       "spearman": spearman(true, est),
@@ -218,7 +235,12 @@ def attribution_patching(
   fix = method == "atp*" and site in qk_fix.QK_SITES
   if fix:
     names += [s for s in ("attn.q", "attn.k", "attn.pattern") if s != site]
-  prepared = gradients.Prepared(model, [(s, chosen) for s in names], tokens)
+  prepared = gradients.Prepared(
+    model,
+    [(s, chosen) for s in names],
+    tokens,
+    rewrite=_gated if method == "graddrop" else None,
+  )
   values, acts, grads = prepared.run(metric, rows, prepared.zeros(), tokens)
   values = np.asarray(values)
   got = {
@@ -236,6 +258,8 @@ def attribution_patching(
       effects.append(_qk_effect(model, layer, site, by, got, rows))
     else:
       effects.append(reduce_to(delta * grad, by))
+  if method == "graddrop":
+    effects = _grad_drop(prepared, metric, rows, tokens, site, by, chosen, effects)
   return AttributionResult(
     site=site,
     by=by,
@@ -249,6 +273,37 @@ def attribution_patching(
 
 def _split(arr: pz.nx.NamedArray, rows: int, part: int) -> pz.nx.NamedArray:
   return arr[{"batch": pz.slice[part * rows : (part + 1) * rows]}]
+
+
+def _gated(model: Any) -> Any:
+  """``model`` with a `GradientGate` on every layer's attn.out and mlp.out
+  (after any tap already there: the gate drops a tapped output's own path)."""
+  for name in ("attn.out", "mlp.out"):
+    model = sites.insert(model, name, None, functools.partial(GradientGate.fresh, name))
+  return model
+
+
+def _grad_drop(
+  prepared, metric, rows, tokens, site, by, chosen, atp
+) -> list[np.ndarray]:
+  """GradDrop (module doc) from the gated model's AtP estimates ``atp``."""
+  gates = pz.select(prepared.unbound).at_instances_of(GradientGate)
+  num_layers = max(g.layer for g in gates.get_sequence()) + 1
+  zeros = prepared.zeros()
+  total = [np.zeros_like(a) for a in atp]
+  for drop in range(num_layers):
+    unbound = gates.apply(
+      lambda g, drop=drop: dataclasses.replace(
+        g, keep=jnp.asarray(0.0 if g.layer == drop else 1.0, jnp.float32)
+      )
+    )
+    _, acts, grads = prepared.run(metric, rows, zeros, tokens, unbound)
+    got = dict(zip(prepared.keys, zip(acts, grads, strict=True), strict=True))
+    for i, layer in enumerate(chosen):
+      act, grad = got[site, layer]
+      delta = _split(act, rows, 0) - _split(act, rows, 1)
+      total[i] += np.abs(reduce_to(delta * _split(grad, rows, 1), by) - atp[i])
+  return [t / max(num_layers - 1, 1) for t in total]
 
 
 def _qk_effect(model, layer, site, by, got, rows) -> np.ndarray:

@@ -207,8 +207,16 @@ class Prepared:
     shapes: Named shapes of each tap's activation (user-facing axes).
   """
 
-  def __init__(self, model: Any, site_layers: Sequence[tuple[str, Any]], tokens):
+  def __init__(
+    self,
+    model: Any,
+    site_layers: Sequence[tuple[str, Any]],
+    tokens,
+    rewrite: Callable[[Any], Any] | None = None,
+  ):
     self.model = tap(model, site_layers)
+    if rewrite is not None:  # a pure rewrite applied after the taps
+      self.model = rewrite(self.model)
     taps = _taps(self.model)
     self.keys: list[Key] = [(t.site, t.layer) for t in taps]
     unbound, self.variables = pz.unbind_state_vars(self.model)
@@ -241,10 +249,21 @@ class Prepared:
       out.append(pz.nx.zeros(shape, s.dtype))
     return out
 
-  def run(self, metric: Metric, clean_rows: int, deltas: list, tokens) -> tuple:
-    """``(values [batch], activations by tap, gradients by tap)``."""
+  def run(
+    self, metric: Metric, clean_rows: int, deltas: list, tokens, unbound: Any = None
+  ) -> tuple:
+    """``(values [batch], activations by tap, gradients by tap)``.
+
+    ``unbound`` replaces `unbound` (the same structure with other array
+    leaves, e.g. gradient gates switched: no recompilation).
+    """
     values, state, grads = forward_backward(
-      metric, clean_rows, self.unbound, self.state, deltas, tokens
+      metric,
+      clean_rows,
+      self.unbound if unbound is None else unbound,
+      self.state,
+      deltas,
+      tokens,
     )
     return values, [state[j] for j in self._index], grads
 

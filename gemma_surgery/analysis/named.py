@@ -22,13 +22,15 @@ handed back to them (tokens; an attention pattern with its tokens).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
+from treescope import repr_lib
 
-from gemma_surgery import errors
+from gemma_surgery import errors, viz
 from gemma_surgery.host import to_numpy
 from gemma_surgery.surgery.layers.topk import TOPK_AXIS
 
@@ -83,6 +85,43 @@ class NamedResult:
   def named(self) -> dict[str, pz.nx.NamedArray]:
     """``{field: NamedArray}``: each array field with its axis names."""
     return {field: wrap(getattr(self, field), ax) for field, ax in self.axes().items()}
+
+  def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+    """Treescope shows the array fields as NamedArrays (axis names visible)."""
+    attributes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    attributes.update(self.named())
+    return repr_lib.render_object_constructor(
+      type(self), attributes, path, subtree_renderer
+    )
+
+  def heatmap(self, field: str | None = None, **kwargs: Any) -> viz.Heatmap:
+    """A `gemma_surgery.viz.heatmap` of a 2-D array field, titled with its
+    axis names (rows labelled by ``layers`` where the result has them).
+
+    Args:
+      field: The field (default: the first 2-D one).
+      **kwargs: Passed to `gemma_surgery.viz.heatmap` (overriding defaults).
+
+    Raises:
+      InputError: No such 2-D field.
+    """
+    axes = self.axes()
+    flat = [f for f, ax in axes.items() if len(ax) == 2]
+    field = field if field is not None else (flat[0] if flat else None)
+    if field not in flat:
+      raise errors.InputError(
+        f"heatmap needs a 2-D array field; got {field!r}, valid: {flat}."
+      )
+    row, col = axes[field]
+    defaults = {
+      "row_title": row,
+      "col_title": col,
+      "value_label": field,
+      "title": f"{type(self).__name__}.{field}",
+    }
+    if row == LAYER and hasattr(self, "layers"):
+      defaults["row_labels"] = list(self.layers)
+    return viz.heatmap(getattr(self, field), **{**defaults, **kwargs})
 
 
 def token_array(tokens: Any) -> np.ndarray:

@@ -113,8 +113,8 @@ def heatmap(
   *,
   row_labels: Sequence[Any] | None = None,
   col_labels: Sequence[Any] | None = None,
-  row_title: str = "layer",
-  col_title: str = "position",
+  row_title: str | None = None,
+  col_title: str | None = None,
   value_label: str = "value",
   center: float | None = 0.0,
   vmin: float | None = None,
@@ -134,8 +134,10 @@ def heatmap(
       A NamedArray is unwrapped in its own axis order (it must be 2-D).
     row_labels: Tick labels of the rows (default `0..rows-1`).
     col_labels: Tick labels of the columns (tokens get whitespace markers).
-    row_title: Name of the row axis.
-    col_title: Name of the column axis.
+    row_title: Name of the row axis (default: a NamedArray's first axis
+      name, else ``layer``).
+    col_title: Name of the column axis (default: a NamedArray's second axis
+      name, else ``position``).
     value_label: Name of the value (legend, colour bar).
     center: Centre of a diverging scale, or `None` for sequential.
     vmin: Lower bound (default: data minimum, or symmetric around `center`).
@@ -149,7 +151,12 @@ def heatmap(
   if hasattr(values, "named_shape"):
     if len(values.named_shape) != 2 or values.positional_shape:
       raise InputError(f"values: expected 2 named axes, got {values.named_shape}")
-    values = values.unwrap(*values.named_shape)
+    names = list(values.named_shape)
+    row_title = names[0] if row_title is None else row_title
+    col_title = names[1] if col_title is None else col_title
+    values = values.unwrap(*names)
+  row_title = "layer" if row_title is None else row_title
+  col_title = "position" if col_title is None else col_title
   v = _arrays.to_numpy(values, ("rows", "cols"), "values")
   R, C = v.shape
   rows = _arrays.check_len(

@@ -12,5 +12,6 @@ them) and is a ``@pz.pytree_dataclass`` whose array fields are leaves
 * `ablate`: `Ablate`, `Patch`.
 * `attention`: `KnockOutHeads`, `OverridePattern`, `RescalePattern`.
 * `neurons`: `NeuronScale`.
-* `tap`: `GradientTap` (differentiable additive taps for attribution).
+* `tap`: `GradientTap` (differentiable additive taps for attribution) and
+  `GradientGate` (drops the gradient through a site: AtP*'s GradDrop).
 """

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from penzai import pz
 
 from gemma_surgery.surgery import heads
@@ -54,3 +56,41 @@ class GradientTap(CaptureLayer):
 
   def treescope_color(self) -> str:
     return "#b07be0"
+
+
+@pz.pytree_dataclass
+class GradientGate(base.SurgeryLayer):
+  """Passes its input unchanged; scales the gradient flowing back by ``keep``.
+
+  The output is ``stop_gradient(x) + keep * (x − stop_gradient(x))``: the
+  forward value is exactly ``x``, the backward ``keep · dy``. ``keep`` is an
+  array leaf (0 drops the gradient through this site, 1 keeps it), so
+  switching gates never recompiles. AtP*'s GradDrop puts one at each
+  layer's residual contributions.
+
+  Attributes:
+    keep: Scalar gradient multiplier (float array).
+    site: Site name (static).
+    layer: Layer index (static).
+  """
+
+  keep: Any
+  site: str = base.static_field("attn.out")
+  layer: int | None = base.static_field(None)
+
+  def __call__(self, value: Any, /, **side_inputs) -> Any:
+    keep = jnp.asarray(self.keep, value.dtype)
+
+    @pz.nx.nmap
+    def gate(x):
+      frozen = jax.lax.stop_gradient(x)
+      return frozen + keep * (x - frozen)
+
+    return gate(value)
+
+  @classmethod
+  def fresh(cls, site: str, layer: int | None) -> GradientGate:
+    return cls(keep=jnp.ones((), jnp.float32), site=site, layer=layer)
+
+  def treescope_color(self) -> str:
+    return "#e0a07b"
