@@ -26,6 +26,7 @@ import time
 
 import jax
 import numpy as np
+import record
 from configs import MID
 
 import gemma_surgery as gs
@@ -46,7 +47,9 @@ def prompts() -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=3)
+  record.add_arguments(parser)
   args = parser.parse_args()
+  rec = record.Recorder.from_args("attribution", args)
   model = gs.build_model(MID, jax.random.key(0))
   clean, corrupted = prompts()
   an = gs.analysis
@@ -114,12 +117,44 @@ def main() -> None:
     f" {steady['atp'] / steady['forward'] / 2:.1f} per sweep; heads x positions"
     f" {steady['atp_heads_positions'] / steady['forward']:.1f}"
   )
+  for name in jobs:
+    rec.figure(f"{name}_s", f"{name}: steady time", steady[name], "s")
+  rec.figure(
+    "speedup",
+    f"AtP / exact sweep, resid_pre ({LAYERS} x {POSITIONS}) + attn.z by head",
+    steady["exact"] / steady["atp"],
+    "x",
+    goal=">= 20x",
+  )
+  rec.figure(
+    "forward_equivalents",
+    "AtP cost per sweep in forward-equivalents (batch-2 forward)",
+    steady["atp"] / steady["forward"] / 2,
+    goal="<= 3",
+  )
+  rec.figure(
+    "heads_positions_forward_equivalents",
+    "AtP over attn.z heads x positions, in forward-equivalents",
+    steady["atp_heads_positions"] / steady["forward"],
+  )
   for est, ex in zip(out["atp"], out["exact"], strict=True):
     agree = est.agreement(ex)
     print(
       f"{est.site} by {est.by}: Spearman {agree['spearman']:.3f}, exact top 5 in"
       f" AtP top 10: {agree['top_k_recall']:.0%}"
     )
+    key = f"{est.site}_{est.by}"
+    rec.figure(
+      f"{key}_spearman",
+      f"{est.site} by {est.by}: Spearman AtP vs exact",
+      agree["spearman"],
+    )
+    rec.figure(
+      f"{key}_recall",
+      f"{est.site} by {est.by}: exact top 5 in AtP top 10",
+      agree["top_k_recall"],
+    )
+  rec.save()
 
 
 if __name__ == "__main__":

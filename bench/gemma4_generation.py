@@ -31,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import record
 from penzai import pz
 from penzai.models.transformer import simple_decoding_loop
 from penzai.toolshed import jit_wrapper
@@ -97,7 +98,7 @@ def pyloop(model, prompt: np.ndarray):
   return run
 
 
-def bench(name: str, rounds: int) -> None:
+def bench(rec, name: str, rounds: int) -> None:
   with tempfile.TemporaryDirectory() as directory:
     reference = g4.write_checkpoint(directory, **CONFIGS[name])
     model = gs.load(directory, dtype="float32", progress=False).model
@@ -125,15 +126,37 @@ def bench(name: str, rounds: int) -> None:
       f" transformers {med['transformers']:.3f} s"
       f" ({med['transformers'] / med['fused']:.1f}x)"
     )
+    key = f"{name}_b{batch}"
+    rec.figure(
+      f"{key}_fused",
+      f"{name}, batch {batch}: fused `gs.generate`, {NEW} tokens",
+      med["fused"] * 1e3,
+      "ms",
+    )
+    rec.figure(
+      f"{key}_pyloop",
+      f"{name}, batch {batch}: Penzai pyloop / fused",
+      med["pyloop"] / med["fused"],
+      "x",
+    )
+    rec.figure(
+      f"{key}_transformers",
+      f"{name}, batch {batch}: transformers generate / fused",
+      med["transformers"] / med["fused"],
+      "x",
+    )
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
+  record.add_arguments(parser)
   args = parser.parse_args()
+  rec = record.Recorder.from_args("gemma4_generation", args)
   print(f"load average {os.getloadavg()}, {jax.devices()[0].platform}")
   for name in CONFIGS:
-    bench(name, args.rounds)
+    bench(rec, name, args.rounds)
+  rec.save()
 
 
 if __name__ == "__main__":

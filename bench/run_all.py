@@ -66,6 +66,11 @@ BENCHMARKS = {
   "patching": (["patching.py"], ["patching.py", "--runs", "1"]),
   "forward_capture": (["forward_capture.py"], ["forward_capture.py", "--runs", "5"]),
   "sweep": (["sweep.py"], ["sweep.py", "--runs", "2"]),
+  "attribution": (["attribution.py"], ["attribution.py", "--runs", "1"]),
+  "gemma4_generation": (
+    ["gemma4_generation.py"],
+    ["gemma4_generation.py", "--rounds", "1"],
+  ),
   # Needs CIRCUIT_TRACER_PYTHON (a circuit-tracer venv); otherwise records "not run".
   "circuit_tracer": (["circuit_tracer_parity.py"], ["circuit_tracer_parity.py"]),
 }
