@@ -1,7 +1,9 @@
 """Kaggle/Flax Gemma checkpoints (orbax) -> canonical numpy parameters.
 
 The official Flax checkpoints of Gemma 1, 2 and 3 (Kaggle ``google/gemma*/flax``
-and the ``gemma`` library's GCS copies) are orbax PyTree checkpoints. A Kaggle
+and the ``gemma`` library's GCS copies) and the ``gemma`` 4.x library's Gemma 4
+checkpoints (`gemma_surgery.loading.kaggle_gemma4`) are orbax PyTree
+checkpoints. A Kaggle
 download holds the checkpoint folder next to the tokenizer, e.g.
 ``<root>/gemma2-2b-it/`` beside ``<root>/tokenizer.model``; either path may be
 passed.
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 
 from gemma_surgery import errors
 from gemma_surgery.config import GemmaConfig
-from gemma_surgery.loading import kaggle_config, kaggle_layout
+from gemma_surgery.loading import kaggle_config, kaggle_gemma4, kaggle_layout
 from gemma_surgery.loading.kaggle_config import (
   infer_config_from_kaggle,
   needs_gating_transpose,
@@ -320,14 +322,21 @@ def open_plan(
   try:
     tree = _read_tree_metadata(handler, directory)
     entries = kaggle_layout.layout_entries(tree, source)
-    shapes = kaggle_config.read_shapes(entries, source)
-    if config is None:
-      config = kaggle_config.config_from_shapes(shapes, variant, source)
-    config = config.replace(
-      parameter_dtype=parameter_dtype, activation_dtype=activation_dtype
-    )
-    transpose = needs_gating_transpose(variant if variant is not None else config)
-    plan = kaggle_layout.canonical_plan(entries, config, transpose, source)
+    if kaggle_gemma4.is_gemma4(entries):
+      config = kaggle_gemma4.resolve_config(entries, variant, config, source)
+      config = config.replace(
+        parameter_dtype=parameter_dtype, activation_dtype=activation_dtype
+      )
+      plan = kaggle_gemma4.canonical_plan(entries, config, source)
+    else:
+      shapes = kaggle_config.read_shapes(entries, source)
+      if config is None:
+        config = kaggle_config.config_from_shapes(shapes, variant, source)
+      config = config.replace(
+        parameter_dtype=parameter_dtype, activation_dtype=activation_dtype
+      )
+      transpose = needs_gating_transpose(variant if variant is not None else config)
+      plan = kaggle_layout.canonical_plan(entries, config, transpose, source)
     proxies = {name: fn(ref.proxy()) for name, (ref, fn) in plan.items()}
     canonical.check_canonical(config, proxies, source)
     yield OpenPlan(directory, handler, tree, config, plan)

@@ -130,33 +130,6 @@ def module_name(path: TreePath) -> str:
   return "/".join(parts)
 
 
-# Modules only Gemma 4's Flax model has (the `gemma` 4.x library's
-# ``gm.nn.gemma4``: layer scalars, per-layer embeddings, k = v projections,
-# the MoE block and its dense twin).
-_GEMMA4_MODULES = frozenset(
-  {
-    "skip_scale",
-    "per_layer_embeddings",
-    "per_layer_model_projection",
-    "per_layer_input_gate",
-    "k_einsum",
-    "mlp2",
-    "router_logits",
-  }
-)
-
-
-def _refuse_gemma4(entries: Mapping[str, Ref], source: str) -> None:
-  for name in entries:
-    if _GEMMA4_MODULES.intersection(name.split("/")):
-      raise errors.CheckpointError(
-        f"{source}: 'transformer/{name}' is a Gemma 4 weight: this is a Gemma"
-        " 4 Kaggle/Flax checkpoint, whose layout is not read yet. Load the"
-        " same model's Hugging Face checkpoint instead, e.g."
-        " gs.load('gemma4_e2b') or gs.load('hf:google/gemma-4-E2B-it')."
-      )
-
-
 def _add(entries: dict[str, Ref], name: str, ref: Ref, source: str) -> None:
   if name in entries:
     raise errors.CheckpointError(
@@ -175,8 +148,7 @@ def layout_entries(tree: Mapping[str, Any], source: str) -> dict[str, Ref]:
     source: Where the tree came from, for error messages.
 
   Raises:
-    CheckpointError: Duplicate or malformed stacked entries, or a Gemma 4
-      checkpoint (its Flax layout is not read).
+    CheckpointError: Duplicate or malformed stacked entries.
   """
   entries: dict[str, Ref] = {}
   stacked = []
@@ -204,7 +176,6 @@ def layout_entries(tree: Mapping[str, Any], source: str) -> dict[str, Ref]:
     for s in range(leaf.shape[0]):
       ref = Ref(path, tuple(leaf.shape[1:]), np.dtype(leaf.dtype), s)
       _add(entries, f"layer_{s * period + offset}/{suffix}", ref, source)
-  _refuse_gemma4(entries, source)
   return entries
 
 
@@ -243,18 +214,24 @@ class Part:
   be a static argument of ``jax.jit``; works on numpy and jax arrays).
 
   Attributes:
-    index: Take ``w[index]`` of a fused weight; None: ``w`` itself.
-    transpose: Then transpose it.
+    index: Take ``w[index]`` along ``axis`` of a fused weight; None: ``w``.
+    transpose: Then reverse all axes.
     add_axis: Then add a leading axis of size 1 (squeezed MQA kv).
+    axis: The axis ``index`` selects along.
+    swap_last: Then swap the last two axes (Gemma 4 expert weights).
   """
 
   index: int | None = None
   transpose: bool = False
   add_axis: bool = False
+  axis: int = 0
+  swap_last: bool = False
 
   def __call__(self, a: Any) -> Any:
-    out = a if self.index is None else a[self.index]
+    out = a if self.index is None else a[(slice(None),) * self.axis + (self.index,)]
     out = out.T if self.transpose else out
+    if self.swap_last:
+      out = out.swapaxes(-1, -2)
     return out[None] if self.add_axis else out
 
   def stored_spec(self, spec: tuple) -> tuple:
@@ -262,9 +239,13 @@ class Part:
     spec = tuple(spec)
     if self.add_axis:
       spec = spec[1:]
+    if self.swap_last:
+      spec = (*spec[:-2], spec[-1], spec[-2])
     if self.transpose:
       spec = spec[::-1]
-    return spec if self.index is None else (None, *spec)
+    if self.index is None:
+      return spec
+    return (*spec[: self.axis], None, *spec[self.axis :])
 
 
 _same = Part()

@@ -12,7 +12,7 @@ import pytest
 from helpers import kaggle_writers as writers
 
 from gemma_surgery import errors
-from gemma_surgery.loading import kaggle, kaggle_layout
+from gemma_surgery.loading import kaggle
 
 
 def shapes_differ():
@@ -171,41 +171,3 @@ def test_no_variant_and_no_matching_preset(written):
 def test_bad_dtype(written):
   with shapes_differ(), pytest.raises(errors.ConfigError, match="int8"):
     _read(written, parameter_dtype="int8")
-
-
-def _gemma4_flat(k_eq_v: bool) -> dict:
-  """A tiny tree with the module names of the `gemma` 4.x library's Gemma 4
-  (``gm.nn.gemma4``): layer scalars ``skip_scale``, per-layer embeddings,
-  and ``k_einsum`` on a k = v global layer."""
-  v, d, n, h, f, p = 32, 8, 2, 4, 16, 2
-  ones = lambda *shape: np.ones(shape, np.float32)  # noqa: E731
-  tree = {
-    "transformer/embedder": {"input_embedding": ones(v, d)},
-    "transformer/final_norm": {"scale": ones(d)},
-  }
-  if not k_eq_v:
-    tree["transformer/embedder"]["per_layer_embeddings"] = ones(v, 1, p)
-  layer = "transformer/layer_0"
-  tree[layer] = {"skip_scale": ones(1)}
-  tree[f"{layer}/attn/q_einsum"] = {"w": ones(n, d, h)}
-  kv = {"k_einsum": ones(1, d, h)} if k_eq_v else {"kv_einsum": ones(2, 1, d, h)}
-  for name, w in kv.items():
-    tree[f"{layer}/attn/{name}"] = {"w": w}
-  tree[f"{layer}/attn/attn_vec_einsum"] = {"w": ones(n, h, d)}
-  for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm"):
-    tree[f"{layer}/{norm}"] = {"scale": ones(d)}
-  tree[f"{layer}/mlp/gating_einsum"] = ones(2, f, d)
-  tree[f"{layer}/mlp/linear"] = ones(f, d)
-  return tree
-
-
-@pytest.mark.parametrize("k_eq_v", [True, False])
-@pytest.mark.parametrize("variant", [None, "gemma4_31b"])
-def test_gemma4_flax_checkpoint_is_refused_by_name(tmp_path, k_eq_v, variant):
-  path = writers.save(_gemma4_flat(k_eq_v), tmp_path / "g4")
-  with pytest.raises(errors.CheckpointError, match="Gemma 4 Kaggle/Flax.*gemma4_e2b"):
-    _read(path, variant=variant)
-  # Negative control: a Gemma 3 tree of the same layouts passes the check.
-  cfg = writers.tiny_config("gemma3")
-  tree = writers.to_flat(cfg, writers.random_params(cfg))
-  assert kaggle_layout.layout_entries(tree, "gemma3")
