@@ -4,7 +4,8 @@
   sources) and `LoadedModel`.
 * `hf`, `hf_config`: Hugging Face safetensors and ``config.json``.
 * `kaggle`, `kaggle_config`, `kaggle_layout`, `kaggle_sharded`: Kaggle/Flax
-  orbax checkpoints (flat, nested and stacked layouts; sliced restores).
+  orbax checkpoints (flat, nested and stacked layouts; sliced restores);
+  `kaggle_gemma4`: the ``gemma`` 4.x library's Gemma 4 tree.
 * `hub`: downloads (atomic, with progress) from Kaggle and Hugging Face.
 * `params`, `placement`: binding canonical parameters into a model, on one
   device or slice by slice over a mesh.
