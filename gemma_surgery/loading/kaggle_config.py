@@ -36,7 +36,7 @@ from gemma_surgery.config import (
   preset,
   preset_names,
 )
-from gemma_surgery.loading import kaggle_layout
+from gemma_surgery.loading import kaggle_gemma4, kaggle_layout
 
 # Presets whose Flax checkpoints store ``mlp/gating_einsum`` as [2, F, D].
 _TRANSPOSED_GATING = ("gemma2_9b", "gemma2_27b")
@@ -205,9 +205,10 @@ def infer_config_from_kaggle(
 
   Args:
     params: The restored orbax tree in the flat, nested or stacked layout (see
-      `gemma_surgery.loading.kaggle_layout`). Leaves only need ``shape`` and
-      ``dtype``, so orbax ``ArrayMetadata`` or ``jax.ShapeDtypeStruct`` trees
-      work without reading any weights.
+      `gemma_surgery.loading.kaggle_layout`; a Gemma 4 tree is matched
+      against the Gemma 4 presets, `gemma_surgery.loading.kaggle_gemma4`).
+      Leaves only need ``shape`` and ``dtype``, so orbax ``ArrayMetadata`` or
+      ``jax.ShapeDtypeStruct`` trees work without reading any weights.
     variant: Preset name such as ``"gemma2_2b"`` or ``"gemma-3-1b-it"``; None
       picks the preset whose shapes match exactly.
 
@@ -220,6 +221,8 @@ def infer_config_from_kaggle(
       the variant's family.
   """
   entries = kaggle_layout.layout_entries(params, "checkpoint")
+  if kaggle_gemma4.is_gemma4(entries):
+    return kaggle_gemma4.resolve_config(entries, variant, None, "checkpoint")
   return config_from_shapes(read_shapes(entries, "checkpoint"), variant)
 
 

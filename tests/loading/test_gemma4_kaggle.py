@@ -26,7 +26,7 @@ from helpers import gemma4_flax as flax  # noqa: E402
 
 import gemma_surgery as gs  # noqa: E402
 from gemma_surgery import errors  # noqa: E402
-from gemma_surgery.loading import kaggle_gemma4, kaggle_layout  # noqa: E402
+from gemma_surgery.loading import kaggle, kaggle_gemma4, kaggle_layout  # noqa: E402
 from gemma_surgery.loading.kaggle_sharded import leaf_spec  # noqa: E402
 from gemma_surgery.model import parameters  # noqa: E402
 from gemma_surgery.parallel import sharding  # noqa: E402
@@ -271,8 +271,9 @@ def test_full_size_presets_are_inferred_from_shapes(name):
   tree = jax.eval_shape(lambda s: flax.to_nested(s, kwargs), shapes)
   entries = kaggle_layout.layout_entries(tree, name)
   assert kaggle_gemma4.is_gemma4(entries)
-  assert kaggle_gemma4.resolve_config(entries, None, None, name) == gs.preset(name)
-  assert kaggle_gemma4.resolve_config(entries, name, None, name) == gs.preset(name)
+  for layout in (tree, flax.to_flat(tree)):
+    assert kaggle.infer_config_from_kaggle(layout) == gs.preset(name)
+    assert kaggle.infer_config_from_kaggle(layout, name) == gs.preset(name)
   # Negative control: a Gemma 1-3 tree is not taken for Gemma 4.
   g3 = writers.tiny_config("gemma3")
   flat = writers.to_flat(g3, writers.random_params(g3))
