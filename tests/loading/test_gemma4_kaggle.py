@@ -107,11 +107,6 @@ def test_mesh_load_equals_unsharded_load(case, tmp_path):
     np.testing.assert_array_equal(np.asarray(data), np.asarray(value.data_array))
     spec = sharding.partition_spec(dict(value.named_shape), 0, mesh)
     assert data.sharding.is_equivalent_to(NamedSharding(mesh, spec), data.ndim), label
-  # The parameters are bitwise equal; sharded matmuls sum in another order
-  # (up to ~4e-5 apart here).
-  np.testing.assert_allclose(
-    g4.logits(placed.model, case.tokens), case.hf_logits, atol=1e-4, rtol=0
-  )
 
 
 @pytest.mark.parametrize(
