@@ -20,13 +20,14 @@ once the host-side work is negligible (on a CPU the 16-row decode is
 compute-bound, so it costs several single-row decodes). The sweep's host
 work beyond its generation is ``sweep - 16-row generation``.
 
-Compute floor (same run): the generation's weight matmuls alone (every
-layer's projections and the unembedding at the embedded model's shapes, one
-token per row per step for prompt + new tokens steps, in one jitted
-``lax.scan``; no attention, norms or sampling), for 1 and for 16 rows.
-``generation / bare matmuls`` near 1 means the generation runs at this CPU's
-matmul speed (compute-bound); the bare matmuls' own ``16 x 1 row / 16 rows``
-is what batching can gain on this CPU at all.
+Compute floor (same run, interleaved with the parts above): the
+generation's weight matmuls alone (every layer's projections and the
+unembedding at the embedded model's shapes, one token per row per step for
+prompt + new tokens steps, in one jitted ``lax.scan``; no attention, norms
+or sampling), for 1 and for 16 rows. ``generation / bare matmuls`` near 1
+means the generation runs at this CPU's matmul speed (compute-bound); the
+bare matmuls' own ``16 x 1 row / 16 rows`` is what batching can gain on
+this CPU at all.
 
 Run: ``python bench/sweep.py`` (``--runs N``, ``--json F`` for run_all).
 """
@@ -129,6 +130,7 @@ def _breakdown(lm, edit, runs: int, sweep) -> dict[str, tuple[str, float, str]]:
     "rows1": lambda: gs.generate(models[0], [PROMPT], **one),
     "rows16": lambda: gs.generate(stacked, [PROMPT] * 16, **one),
     "sweep": sweep,
+    **_bare_matmuls(lm.config, len(lm.tokenizer.encode(PROMPT)) + NEW),
   }
   wall: dict[str, list[float]] = {k: [] for k in steps}
   cpu: dict[str, list[float]] = {k: [] for k in steps}
@@ -140,7 +142,6 @@ def _breakdown(lm, edit, runs: int, sweep) -> dict[str, tuple[str, float, str]]:
       fn()
       wall[name].append(time.perf_counter() - w)
       cpu[name].append(time.process_time() - c)
-  floor = _matmul_floor(lm.config, len(lm.tokenizer.encode(PROMPT)) + NEW, runs)
   w = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
   c = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
   return {
@@ -170,39 +171,44 @@ def _breakdown(lm, edit, runs: int, sweep) -> dict[str, tuple[str, float, str]]:
       c["sweep"] - c["rows16"],
       "ms",
     ),
-    "matmul1_ms": ("bare matmuls of the generation, 1 row", floor[1][0], "ms"),
-    "matmul16_ms": ("bare matmuls of the generation, 16 rows", floor[16][0], "ms"),
+    "matmul1_ms": ("bare matmuls of the generation, 1 row", w["matmul1"], "ms"),
+    "matmul16_ms": ("bare matmuls of the generation, 16 rows", w["matmul16"], "ms"),
     "gen1_over_matmul": (
       "generation / its bare matmuls, 1 row",
-      w["rows1"] / floor[1][0],
+      w["rows1"] / w["matmul1"],
       "x",
     ),
     "gen16_over_matmul": (
       "generation / its bare matmuls, 16 rows",
-      w["rows16"] / floor[16][0],
+      w["rows16"] / w["matmul16"],
+      "x",
+    ),
+    "gen16_over_matmul_cpu": (
+      "generation / its bare matmuls, 16 rows (CPU time)",
+      c["rows16"] / c["matmul16"],
       "x",
     ),
     "matmul_batching_gain": (
       "batching gain of the bare matmuls, 16 x 1 row / 16 rows (wall)",
-      16 * floor[1][0] / floor[16][0],
+      16 * w["matmul1"] / w["matmul16"],
       "x",
     ),
     "matmul_batching_gain_cpu": (
       "batching gain of the bare matmuls (CPU time)",
-      16 * floor[1][1] / floor[16][1],
+      16 * c["matmul1"] / c["matmul16"],
       "x",
     ),
   }
 
 
-def _matmul_floor(config, steps: int, runs: int) -> dict[int, tuple[float, float]]:
-  """Median (wall, CPU) ms of the generation's weight matmuls alone, for 1
-  and 16 rows.
+def _bare_matmuls(config, steps: int) -> dict[str, object]:
+  """Timed steps ``matmul1``/``matmul16``: the generation's weight matmuls
+  alone for 1 and 16 rows (each compiled by its first call).
 
   Every layer's query/key/value/output projections, gated MLP and the
   unembedding at ``config``'s shapes (random weights), one token per row per
   step for ``steps`` steps in one jitted ``lax.scan``, the next input fed
-  back from the argmax (so steps can't be skipped); interleaved repeats.
+  back from the argmax (so steps can't be skipped).
   """
   rng = np.random.default_rng(0)
   d, h = config.embedding_dim, config.mlp_hidden_dim
@@ -234,21 +240,11 @@ def _matmul_floor(config, steps: int, runs: int) -> dict[int, tuple[float, float
 
     return jax.lax.scan(step, x, None, length=steps)[0]
 
-  inputs = {n: jnp.asarray(rng.standard_normal((n, d), np.float32)) for n in (1, 16)}
-  wall: dict[int, list[float]] = {n: [] for n in inputs}
-  cpu: dict[int, list[float]] = {n: [] for n in inputs}
-  for x in inputs.values():
-    run(x, layers, embed).block_until_ready()  # compile
-  for _ in range(runs):
-    for n, x in inputs.items():
-      start, clock = time.perf_counter(), time.process_time()
-      run(x, layers, embed).block_until_ready()
-      wall[n].append(time.perf_counter() - start)
-      cpu[n].append(time.process_time() - clock)
-  return {
-    n: (statistics.median(wall[n]) * 1e3, statistics.median(cpu[n]) * 1e3)
-    for n in inputs
-  }
+  def timed(rows):
+    x = jnp.asarray(rng.standard_normal((rows, d), np.float32))
+    return lambda: run(x, layers, embed).block_until_ready()
+
+  return {"matmul1": timed(1), "matmul16": timed(16)}
 
 
 if __name__ == "__main__":
