@@ -66,6 +66,11 @@ BENCHMARKS = {
   "patching": (["patching.py"], ["patching.py", "--runs", "1"]),
   "forward_capture": (["forward_capture.py"], ["forward_capture.py", "--runs", "5"]),
   "sweep": (["sweep.py"], ["sweep.py", "--runs", "2"]),
+  # Starts the server as a child process (its CPU counts as the benchmark's).
+  "serve": (
+    ["serve.py"],
+    ["serve.py", "--requests", "32", "--tokens", "8", "--latency-runs", "5"],
+  ),
   "attribution": (["attribution.py"], ["attribution.py", "--runs", "1"]),
   "gemma4_generation": (
     ["gemma4_generation.py"],

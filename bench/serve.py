@@ -3,7 +3,8 @@
 Starts ``gemma-surgery serve --model tiny --sae tiny`` as a process on
 loopback, warms every batch shape up, then measures in one run:
 
-* sequential: ``--requests`` completions one after another (one client);
+* sequential: ``--requests`` completions one after another (one client,
+  one kept-alive connection);
 * concurrent: the same number of requests from 1, 8 and 32 concurrent
   clients (each request steered by SAE feature 212 at its own strength), as
   requests per second and the ratio to sequential; the server batches
@@ -12,8 +13,12 @@ loopback, warms every batch shape up, then measures in one run:
   interleaved (``--latency-runs`` each).
 
 Every request asks for ``--tokens`` greedy tokens of an 8-token prompt.
+The load average before and after is printed and recorded: the server and
+its clients share this machine's CPUs, so only the ratios measured side by
+side in one run mean much.
 
-Run: ``python bench/serve.py`` (``--requests N --tokens T``).
+Run: ``python bench/serve.py`` (``--requests N --tokens T --latency-runs R``,
+``--json F`` for run_all).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import tempfile
 import time
 
 import httpx
+import record
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT = "The cat sat on the mat and"
@@ -43,6 +49,7 @@ def free_port() -> int:
 
 
 def start_server(port: int, log) -> subprocess.Popen:
+  """The server process, once it answers /health (its output goes to ``log``)."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   args = [sys.executable, "-m", "gemma_surgery", "serve", "--model", "tiny"]
   args += ["--sae", "tiny", "--port", str(port), "--window-ms", "10"]
@@ -54,8 +61,13 @@ def start_server(port: int, log) -> subprocess.Popen:
         return proc
     except httpx.TransportError:
       time.sleep(0.5)
+    if proc.poll() is not None:
+      break
   proc.kill()
-  raise SystemExit("server did not start")
+  proc.wait()
+  log.seek(0)
+  tail = log.read().decode(errors="replace")[-3000:]
+  raise SystemExit(f"server did not start:\n{tail}")
 
 
 def body(tokens: int, strength: float | None) -> dict:
@@ -82,9 +94,11 @@ async def burst(url: str, n: int, clients: int, tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def one(url: str, tokens: int, strength: float | None) -> float:
+def one(http: httpx.Client, url: str, tokens: int, strength: float | None) -> float:
+  """Seconds for one request (on ``http``'s kept-alive connection, like the
+  concurrent clients', so connection setup is in neither figure)."""
   start = time.perf_counter()
-  r = httpx.post(f"{url}/v1/completions", json=body(tokens, strength), timeout=600)
+  r = http.post(f"{url}/v1/completions", json=body(tokens, strength))
   assert r.status_code == 200, r.text
   return time.perf_counter() - start
 
@@ -94,42 +108,78 @@ def main() -> None:
   parser.add_argument("--requests", type=int, default=64)
   parser.add_argument("--tokens", type=int, default=32)
   parser.add_argument("--latency-runs", type=int, default=20)
+  record.add_arguments(parser)
   args = parser.parse_args()
+  rec = record.Recorder.from_args("serve", args)
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   with tempfile.TemporaryFile() as log:
     proc = start_server(port, log)
+    http = httpx.Client(timeout=600)
     try:
       for clients in (1, 2, 4, 8, 16, 32, 32):  # compile every batch bucket
         asyncio.run(burst(url, clients, clients, args.tokens))
+      one(http, url, args.tokens, None)
       load_before = os.getloadavg()[0]
       n = args.requests
       start = time.perf_counter()
       for i in range(n):
-        one(url, args.tokens, 2.0 * i - n)
-      sequential = time.perf_counter() - start
+        one(http, url, args.tokens, 2.0 * i - n)
+      sequential = n / (time.perf_counter() - start)
       rates = {}
       for clients in (1, 8, 32):
         rates[clients] = n / asyncio.run(burst(url, n, clients, args.tokens))
       steered, plain = [], []
       for _ in range(args.latency_runs):  # interleaved
-        steered.append(one(url, args.tokens, 8.0))
-        plain.append(one(url, args.tokens, None))
+        steered.append(one(http, url, args.tokens, 8.0))
+        plain.append(one(http, url, args.tokens, None))
       load_after = os.getloadavg()[0]
     finally:
+      http.close()
       proc.send_signal(signal.SIGTERM)
       proc.wait(30)
   print(f"load average before {load_before:.2f}, after {load_after:.2f}")
   print(f"{n} requests x {args.tokens} tokens")
-  print(f"sequential: {n / sequential:.2f} req/s")
+  print(f"sequential: {sequential:.2f} req/s")
+  rec.context.update(
+    requests=n,
+    tokens=args.tokens,
+    latency_runs=args.latency_runs,
+    load_before=round(load_before, 2),
+    load_after=round(load_after, 2),
+  )
+  rec.figure(
+    "sequential_rps",
+    f"sequential: {n} steered requests x {args.tokens} tokens, one at a time",
+    sequential,
+    "req/s",
+  )
   for clients, rate in rates.items():
-    ratio = rate / (n / sequential)
+    ratio = rate / sequential
     print(
       f"{clients:2d} concurrent clients: {rate:.2f} req/s ({ratio:.1f}x sequential)"
     )
+    rec.figure(f"clients{clients}_rps", f"{clients} concurrent clients", rate, "req/s")
+    rec.figure(
+      f"clients{clients}_ratio",
+      f"{clients} concurrent clients / sequential",
+      ratio,
+      "x",
+    )
   s, p = statistics.median(steered), statistics.median(plain)
+  overhead = 100 * (s / p - 1)
   print(f"latency steered {s * 1e3:.0f} ms, unsteered {p * 1e3:.0f} ms:")
-  print(f"steering overhead {100 * (s / p - 1):+.1f} %")
+  print(f"steering overhead {overhead:+.1f} %")
+  rec.figure("steered_ms", "latency of one steered request (median)", s * 1e3, "ms")
+  rec.figure("plain_ms", "latency of one unsteered request (median)", p * 1e3, "ms")
+  rec.figure(
+    "steering_overhead",
+    "steering latency overhead, steered / unsteered - 1",
+    overhead,
+    "%",
+    goal="<= 5%",
+  )
+  rec.save()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,17 @@ generation alone (prebuilt models) for 1 and for 16 rows, as wall time and
 as CPU time of this process. ``16 x one row / 16 rows`` of the generation is
 what batching itself gains on this machine: the ceiling of the speed-up
 once the host-side work is negligible (on a CPU the 16-row decode is
-compute-bound, so it costs several single-row decodes).
+compute-bound, so it costs several single-row decodes). The sweep's host
+work beyond its generation is ``sweep - 16-row generation``.
+
+Compute floor (same run, interleaved with the parts above): the
+generation's weight matmuls alone (every layer's projections and the
+unembedding at the embedded model's shapes, one token per row per step for
+prompt + new tokens steps, in one jitted ``lax.scan``; no attention, norms
+or sampling), for 1 and for 16 rows. ``generation / bare matmuls`` near 1
+means the generation runs at this CPU's matmul speed (compute-bound); the
+bare matmuls' own ``16 x 1 row / 16 rows`` is what batching can gain on
+this CPU at all.
 
 Run: ``python bench/sweep.py`` (``--runs N``, ``--json F`` for run_all).
 """
@@ -29,6 +39,8 @@ import os
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import record
 
@@ -85,7 +97,7 @@ def main() -> None:
       times[name].append(time.perf_counter() - start)
   same = bool((results["sweep"] == results["separate"]).all())
   median = {k: statistics.median(v) for k, v in times.items()}
-  parts = _breakdown(lm, edit, args.runs)
+  parts = _breakdown(lm, edit, args.runs, sweep)
   print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
   for name in ("sweep", "separate"):
     print(f"{name:9s} first {first[name]:.2f} s, steady {median[name] * 1e3:.0f} ms")
@@ -107,7 +119,7 @@ def main() -> None:
   rec.save()
 
 
-def _breakdown(lm, edit, runs: int) -> dict[str, tuple[str, float, str]]:
+def _breakdown(lm, edit, runs: int, sweep) -> dict[str, tuple[str, float, str]]:
   """Medians of the sweep's parts (see the module doc), interleaved."""
   models = [edit(lm.model, s) for s in SCALES]
   stacked = gs.stack_rows(models)
@@ -117,6 +129,8 @@ def _breakdown(lm, edit, runs: int) -> dict[str, tuple[str, float, str]]:
     "stack": lambda: gs.stack_rows(models),
     "rows1": lambda: gs.generate(models[0], [PROMPT], **one),
     "rows16": lambda: gs.generate(stacked, [PROMPT] * 16, **one),
+    "sweep": sweep,
+    **_bare_matmuls(lm.config, len(lm.tokenizer.encode(PROMPT)) + NEW),
   }
   wall: dict[str, list[float]] = {k: [] for k in steps}
   cpu: dict[str, list[float]] = {k: [] for k in steps}
@@ -147,7 +161,90 @@ def _breakdown(lm, edit, runs: int) -> dict[str, tuple[str, float, str]]:
       16 * c["rows1"] / c["rows16"],
       "x",
     ),
+    "host_ms": (
+      "host work of the sweep beyond its generation (sweep - 16-row generation)",
+      w["sweep"] - w["rows16"],
+      "ms",
+    ),
+    "host_cpu_ms": (
+      "the same in CPU time",
+      c["sweep"] - c["rows16"],
+      "ms",
+    ),
+    "matmul1_ms": ("bare matmuls of the generation, 1 row", w["matmul1"], "ms"),
+    "matmul16_ms": ("bare matmuls of the generation, 16 rows", w["matmul16"], "ms"),
+    "gen1_over_matmul": (
+      "generation / its bare matmuls, 1 row",
+      w["rows1"] / w["matmul1"],
+      "x",
+    ),
+    "gen16_over_matmul": (
+      "generation / its bare matmuls, 16 rows",
+      w["rows16"] / w["matmul16"],
+      "x",
+    ),
+    "gen16_over_matmul_cpu": (
+      "generation / its bare matmuls, 16 rows (CPU time)",
+      c["rows16"] / c["matmul16"],
+      "x",
+    ),
+    "matmul_batching_gain": (
+      "batching gain of the bare matmuls, 16 x 1 row / 16 rows (wall)",
+      16 * w["matmul1"] / w["matmul16"],
+      "x",
+    ),
+    "matmul_batching_gain_cpu": (
+      "batching gain of the bare matmuls (CPU time)",
+      16 * c["matmul1"] / c["matmul16"],
+      "x",
+    ),
   }
+
+
+def _bare_matmuls(config, steps: int) -> dict[str, object]:
+  """Timed steps ``matmul1``/``matmul16``: the generation's weight matmuls
+  alone for 1 and 16 rows (each compiled by its first call).
+
+  Every layer's query/key/value/output projections, gated MLP and the
+  unembedding at ``config``'s shapes (random weights), one token per row per
+  step for ``steps`` steps in one jitted ``lax.scan``, the next input fed
+  back from the argmax (so steps can't be skipped).
+  """
+  rng = np.random.default_rng(0)
+  d, h = config.embedding_dim, config.mlp_hidden_dim
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+
+  def weight(*shape):
+    return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05)
+
+  layers = [
+    {
+      "qkv": weight(d, q + 2 * kv),
+      "o": weight(q, d),
+      "up": weight(d, 2 * h),
+      "down": weight(h, d),
+    }
+    for _ in range(config.num_layers)
+  ]
+  embed = weight(config.vocab_size, d)
+
+  @jax.jit
+  def run(x, layers, embed):
+    def step(x, _):
+      for w in layers:
+        x = x + jnp.tanh((x @ w["qkv"])[:, :q]) @ w["o"]
+        up = x @ w["up"]
+        x = x + (jax.nn.gelu(up[:, :h]) * up[:, h:]) @ w["down"]
+      x = x + embed[jnp.argmax(x @ embed.T, axis=-1)]
+      return x, None
+
+    return jax.lax.scan(step, x, None, length=steps)[0]
+
+  def timed(rows):
+    x = jnp.asarray(rng.standard_normal((rows, d), np.float32))
+    return lambda: run(x, layers, embed).block_until_ready()
+
+  return {"matmul1": timed(1), "matmul16": timed(16)}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,22 @@
 
 The embedded model and its SAE; each batched row is compared with a separate
 `gs.generate` of that row's prompt under that row's edit (tokens identical,
-logits within 1e-5), and the sweep compiles the decode loop exactly once.
+logits within 1e-5 of the same batch shape), and the sweep compiles the
+decode loop exactly once.
+
+Why the batch-1 comparison needs a term proportional to the logits (1e-5 +
+2e-6 * max|logit|, not a flat 1e-5): XLA:CPU picks another float32 reduction
+order for a batch of 1 (a matrix-vector product) than for a batch of several
+rows. Measured (2026-12-05, jax on this CPU): a single jitted ``[n, 256] @
+[256, 4096]`` matmul differs by 2.4e-6 (outputs up to 6) between n = 1 and n
+= 2, 4 or 16, and neither is the more accurate one (3.1e-6 and 2.2e-6 from
+float64). Through the embedded model's 6 layers the unedited forward pass of
+one prompt differs by 2.3e-5 .. 3.5e-5 between batch 1 and batches of 2 .. 16
+(logits up to 27: 1.3e-6 relative), and a 3-scale x 2-prompt steering sweep
+by 1.2e-5 .. 3.2e-5 from its batch-1 runs (logits 12 .. 32). So a flat 1e-5
+fails with the edits or without them; the edits add nothing beyond the batch
+shape's roundoff: against a reference of the same batch shape (the row's
+edit applied to every row) every row agrees to a flat 1e-5.
 """
 
 from __future__ import annotations

@@ -272,3 +272,26 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, path, body, n
     f"{server}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=120
   )
   assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_sampled_stream_equals_the_non_streamed_answer(client, lm):
+  """temperature > 0 with a seed: the same tokens streamed or not, and as
+  `gs.generate` with that seed (each request runs alone: batch 1)."""
+  args = dict(model="tiny", prompt=PROMPTS[0], max_tokens=NEW)
+  sampling = {"temperature": 0.9, "seed": 11}
+  whole = client.completions.create(**args, extra_body=sampling).choices[0].text
+  events = client.completions.create(**args, extra_body=sampling, stream=True)
+  pieces = [e.choices[0].text for e in events]
+  out = gs.generate(
+    lm.model,
+    [PROMPTS[0]],
+    max_new_tokens=NEW,
+    tokenizer=lm.tokenizer,
+    eos_id=1,
+    **sampling,
+  )
+  assert whole == "".join(pieces) == out.text[0]
+  assert sum(bool(p) for p in pieces) > 1
+  # Negative control: another seed samples another continuation.
+  other = client.completions.create(**args, extra_body={**sampling, "seed": 12})
+  assert other.choices[0].text != whole
