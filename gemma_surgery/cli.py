@@ -87,7 +87,7 @@ def _load_sae(args, lm):
 def _need_tokenizer(lm) -> None:
   if lm.tokenizer is None:
     raise errors.TokenizerError(
-      f"{lm.path} has no tokenizer.model; pass --tokenizer PATH."
+      f"{lm.path} has no tokenizer.model or tokenizer.json; pass --tokenizer PATH."
     )
 
 

@@ -378,8 +378,8 @@ def run_tour(
   prompt = DEFAULT_PROMPT if prompt is None else prompt
   if lm.tokenizer is None:
     raise errors.TokenizerError(
-      "The tour needs a tokenizer (the model folder has no tokenizer.model): load"
-      " with tokenizer=PATH."
+      "The tour needs a tokenizer (the model folder has no tokenizer.model or"
+      " tokenizer.json): load with tokenizer=PATH."
     )
   ids = np.asarray([lm.tokenizer.encode(prompt, add_bos=True)], np.int32)
   ctx = TourContext(
