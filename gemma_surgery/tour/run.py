@@ -128,7 +128,11 @@ def _neurons(ctx: TourContext) -> None:
   ctx.report.heading(f"MLP neurons (layer {layer})")
   ctx.report.add(
     viz.neuron_buckets(
-      ctx.pieces, ids, values, num_neurons=ctx.lm.config.mlp_hidden_dim, title=None
+      ctx.pieces,
+      ids,
+      values,
+      num_neurons=ctx.lm.config.layer_mlp_dim(layer),
+      title=None,
     ),
     heading="Top neurons per token",
   )

@@ -27,7 +27,9 @@ from helpers import gemma4 as g4  # noqa: E402
 import gemma_surgery as gs  # noqa: E402
 from gemma_surgery import cli  # noqa: E402
 from gemma_surgery.tokenizer import JsonTokenizer  # noqa: E402
+from gemma_surgery.tour import TourContext  # noqa: E402
 from gemma_surgery.tour.overview_section import model_summary  # noqa: E402
+from gemma_surgery.tour.run import SECTIONS  # noqa: E402
 
 VOCAB = 400  # the test tokenizer.json's
 
@@ -152,3 +154,25 @@ def test_info_reports_tokenizer_and_per_layer_shapes(checkpoint):
   text = out.getvalue()
   assert re.search(r"^ *tokenizer: JsonTokenizer\(.*tokenizer\.json", text, re.M)
   assert _parse_rows(text.split("per layer:")[1]) == _torch_layers(torch_model)
+
+
+def test_tour_neuron_section_on_a_double_wide_layer(checkpoint, tmp_path):
+  _, _, lm = checkpoint
+  layer = lm.config.num_layers // 2  # the section's layer: KV-shared, 2x wide
+  assert lm.config.layer_mlp_dim(layer) == 2 * lm.config.mlp_hidden_dim
+  ids = np.asarray([lm.tokenizer.encode(PROMPT, add_bos=True)], np.int32)
+  ctx = TourContext(
+    lm=lm,
+    prompt=PROMPT,
+    ids=ids,
+    pieces=lm.tokenizer.pieces(ids[0]),
+    report=gs.viz.Report("t"),
+    out=tmp_path,
+    new_tokens=2,
+  )
+  SECTIONS["neurons"](ctx)
+  assert f"MLP neurons (layer {layer})" in ctx.report.to_html()
+  # Control: its top neurons reach past the base width, where a view sized by
+  # mlp_hidden_dim (what the section used before) refuses them.
+  top = gs.analysis.top_neurons(lm.model, ids, layers=[layer], k=8)
+  assert top.ids.max() >= lm.config.mlp_hidden_dim
