@@ -13,7 +13,9 @@ soft cap, final logit soft cap 30, queries unscaled (``scaling = 1``),
 RMSNorm applied as ``x * w`` (no ``1 +``). `gemma_surgery.config.preset`
 serves them; this module imports nothing of ours, so the ground floor stays
 acyclic: it also holds the Gemma 4 parts of `GemmaConfig`'s validation and
-parameter count, as functions of the config.
+parameter count, as functions of the config, and `describe_layers`, the
+per-layer summary of any config that the tour and ``gemma-surgery info``
+print (Gemma 4 layers differ in head width, kv heads and MLP width).
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def layer_spec(config: Any, layer: int) -> str:
       parts.append("k = v")
   if config.rope_proportion(layer) < 1:
     parts.append(f"RoPE on {config.rope_proportion(layer):.0%} of dims")
+  if config.rope_scale(layer) != 1:
+    parts.append(f"RoPE positions / {config.rope_scale(layer):g}")
   mlp = f"mlp {config.layer_mlp_dim(layer)}"
   if config.num_experts:
     mlp += (

@@ -26,6 +26,7 @@ from helpers import gemma4 as g4  # noqa: E402
 
 import gemma_surgery as gs  # noqa: E402
 from gemma_surgery import cli  # noqa: E402
+from gemma_surgery.config_gemma4 import layer_ranges  # noqa: E402
 from gemma_surgery.tokenizer import JsonTokenizer  # noqa: E402
 from gemma_surgery.tour import TourContext  # noqa: E402
 from gemma_surgery.tour.overview_section import model_summary  # noqa: E402
@@ -176,3 +177,9 @@ def test_tour_neuron_section_on_a_double_wide_layer(checkpoint, tmp_path):
   # mlp_hidden_dim (what the section used before) refuses them.
   top = gs.analysis.top_neurons(lm.model, ids, layers=[layer], k=8)
   assert top.ids.max() >= lm.config.mlp_hidden_dim
+
+
+def test_layer_ranges_are_compact_and_elided():
+  assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+  many = [i for i in range(62) if i % 6 != 5]  # Gemma 3 27B's local layers
+  assert layer_ranges(many) == "0-4, 6-10, 12-16, 18-22, ..., 60-61"
