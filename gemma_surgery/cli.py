@@ -26,6 +26,7 @@ import numpy as np
 from gemma_surgery import errors
 from gemma_surgery.circuits.trace import trace_prompt
 from gemma_surgery.cli_parser import build_parser, synopsis
+from gemma_surgery.config_gemma4 import describe_layers
 from gemma_surgery.generation.api import generate
 from gemma_surgery.generation.inputs import named_tokens
 from gemma_surgery.host import to_numpy
@@ -87,7 +88,7 @@ def _load_sae(args, lm):
 def _need_tokenizer(lm) -> None:
   if lm.tokenizer is None:
     raise errors.TokenizerError(
-      f"{lm.path} has no tokenizer.model; pass --tokenizer PATH."
+      f"{lm.path} has no tokenizer.model or tokenizer.json; pass --tokenizer PATH."
     )
 
 
@@ -251,6 +252,11 @@ def _info(args) -> int:
   for key, value in lm.config.to_dict().items():
     print(f"{key:>24}: {value}")
   print(f"{'parameters':>24}: {lm.config.num_parameters():,}")
+  print(f"{'tokenizer':>24}: {lm.tokenizer!r}")
+  # Heads and MLP widths vary by layer on Gemma 4: one row per kind of layer.
+  print("per layer:")
+  for layers, spec in describe_layers(lm.config):
+    print(f"  {layers}: {spec}")
   return 0
 
 

@@ -67,7 +67,9 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
       help="parameter dtype (default: float32 for 'tiny', else bfloat16)",
     )
     p.add_argument("--variant", default=None, help="variant of a Kaggle checkpoint")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model path")
+    p.add_argument(
+      "--tokenizer", default=None, help="tokenizer.model or tokenizer.json path"
+    )
 
   def add_distributed(p):
     group = p.add_argument_group(

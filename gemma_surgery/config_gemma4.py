@@ -13,7 +13,9 @@ soft cap, final logit soft cap 30, queries unscaled (``scaling = 1``),
 RMSNorm applied as ``x * w`` (no ``1 +``). `gemma_surgery.config.preset`
 serves them; this module imports nothing of ours, so the ground floor stays
 acyclic: it also holds the Gemma 4 parts of `GemmaConfig`'s validation and
-parameter count, as functions of the config.
+parameter count, as functions of the config, and `describe_layers`, the
+per-layer summary of any config that the tour and ``gemma-surgery info``
+print (Gemma 4 layers differ in head width, kv heads and MLP width).
 """
 
 from __future__ import annotations
@@ -104,6 +106,64 @@ def num_parameters(config: Any) -> int:
       e = config.num_experts
       total += 3 * e * d * config.expert_hidden_dim + d * e + d + e + 3 * d
   return total
+
+
+def layer_spec(config: Any, layer: int) -> str:
+  """One layer's attention and MLP shape, e.g. ``'local (window 512): 8 heads
+  x 256, kv 1; mlp 6144'`` (a KV-shared layer says whose keys it reads)."""
+  kind = "global"
+  if config.is_local(layer):
+    kind = f"local (window {config.sliding_window})"
+  parts = [f"{kind}: {config.num_heads} heads x {config.layer_head_dim(layer)}"]
+  if config.is_kv_shared(layer):  # the source layer's kv heads and k = v
+    parts.append(f"kv of layer {config.kv_source(layer)}")
+  else:
+    parts.append(f"kv {config.layer_kv_heads(layer)}")
+    if config.is_k_eq_v(layer):
+      parts.append("k = v")
+  if config.rope_proportion(layer) < 1:
+    parts.append(f"RoPE on {config.rope_proportion(layer):.0%} of dims")
+  if config.rope_scale(layer) != 1:
+    parts.append(f"RoPE positions / {config.rope_scale(layer):g}")
+  mlp = f"mlp {config.layer_mlp_dim(layer)}"
+  if config.num_experts:
+    mlp += (
+      f" + {config.num_experts} experts x {config.expert_hidden_dim}"
+      f" (top {config.top_k_experts})"
+    )
+  return ", ".join(parts) + "; " + mlp
+
+
+def layer_ranges(layers: list[int], most: int = 6) -> str:
+  """``[0, 1, 2, 5]`` -> ``'0-2, 5'``; past ``most`` runs, the middle is elided."""
+  runs: list[list[int]] = []
+  for i in layers:
+    if runs and i == runs[-1][-1] + 1:
+      runs[-1].append(i)
+    else:
+      runs.append([i])
+  text = [f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs]
+  if len(text) > most:
+    text = [*text[: most - 2], "...", text[-1]]
+  return ", ".join(text)
+
+
+def describe_layers(config: Any) -> list[tuple[str, str]]:
+  """``(layers, spec)`` for each distinct `layer_spec`, in order of first use.
+
+  Gemma 1-3 give one or two rows (local and global layers); Gemma 4 more,
+  since head width, kv heads, KV sharing and MLP width vary by layer.
+  """
+  groups: dict[str, list[int]] = {}
+  for i in range(config.num_layers):
+    groups.setdefault(layer_spec(config, i), []).append(i)
+  return [
+    (
+      f"layer {ls[0]}" if len(ls) == 1 else f"layers {layer_ranges(ls)} ({len(ls)})",
+      spec,
+    )
+    for spec, ls in groups.items()
+  ]
 
 
 def _pattern(num_layers: int, period: int) -> tuple[str, ...]:

@@ -166,7 +166,10 @@ def neuron_tokens(
   Raises:
     InputError: Neuron index out of range, bad ``k``.
   """
+  config = getattr(model, "config", None)  # Gemma 4: widths differ by layer
   width = model.metadata.mlp_hidden_dim
+  if config is not None and isinstance(layer, int | np.integer):
+    width = config.layer_mlp_dim(int(layer))
   if not isinstance(neuron, int | np.integer) or not 0 <= neuron < width:
     raise errors.InputError(f"neuron={neuron!r} is outside 0..{width - 1}.")
   head = readout_head(model)

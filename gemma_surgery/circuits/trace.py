@@ -43,7 +43,9 @@ def trace_prompt(
     TokenizerError: ``lm`` has no tokenizer. InputError: Bad settings.
   """
   if lm.tokenizer is None:
-    raise errors.TokenizerError(f"{lm.path} has no tokenizer.model; pass one.")
+    raise errors.TokenizerError(
+      f"{lm.path} has no tokenizer.model or tokenizer.json; pass one."
+    )
   ids = lm.tokenizer.encode(prompt, add_bos=True)
   tokens = named_tokens(np.asarray([ids]))
   graph = attribute(

@@ -176,8 +176,8 @@ def generate(
       ``temperature_sample_pyloop``, so equal seeds give equal samples).
     pad_id: The id of left padding in array prompts and after EOS.
     tokenizer: Encodes string prompts and decodes ``text`` (a
-      `GemmaTokenizer`, a ``tokenizer.model`` path, or any encode/decode
-      object).
+      `GemmaTokenizer` or `JsonTokenizer`, a ``tokenizer.model`` or
+      ``tokenizer.json`` path, or any encode/decode object).
     captures: The `Captures` of ``gs.capture`` on this model (optional: all
       capture layers are found anyway). Its values are replaced by the
       whole-run activations, as in ``result.captures``.

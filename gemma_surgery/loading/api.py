@@ -2,7 +2,9 @@
 
 ``gemma_surgery.load(source)`` accepts:
 
-* a local Hugging Face directory (``config.json`` + ``*.safetensors``);
+* a local Hugging Face directory (``config.json`` + ``*.safetensors``, with
+  ``tokenizer.model`` or, as Gemma 4 repositories ship, only
+  ``tokenizer.json``);
 * a local Kaggle/Flax orbax checkpoint directory, or the root of a Kaggle
   download that holds one (with ``tokenizer.model`` beside it);
 * ``"hf:org/name"`` or a bare ``"org/name"`` Hugging Face repo id, downloaded
@@ -30,7 +32,12 @@ from gemma_surgery import config as config_lib
 from gemma_surgery.loading import hf, hf_config, hub, kaggle, kaggle_sharded, params
 from gemma_surgery.model import build
 from gemma_surgery.parallel import distributed, sharding
-from gemma_surgery.tokenizer import GemmaTokenizer, as_tokenizer
+from gemma_surgery.tokenizer import (
+  GemmaTokenizer,
+  JsonTokenizer,
+  TokenizerBase,
+  as_tokenizer,
+)
 
 # Hugging Face repos of the published variants (pretrained; "-it" asks for the
 # instruction-tuned one).
@@ -63,14 +70,15 @@ class LoadedModel:
       ``{batch, seq}`` NamedArray of token ids to get ``{batch, seq,
       vocabulary}`` logits.
     config: Its `GemmaConfig`.
-    tokenizer: A `GemmaTokenizer` (None if the checkpoint has no
-      ``tokenizer.model`` and none was given).
+    tokenizer: A `GemmaTokenizer` from the checkpoint's ``tokenizer.model``,
+      else a `JsonTokenizer` from its ``tokenizer.json``; None if it has
+      neither and none was given.
     path: The local directory the weights were read from.
   """
 
   model: build.GemmaTransformerLM
   config: config_lib.GemmaConfig
-  tokenizer: GemmaTokenizer | None
+  tokenizer: TokenizerBase | None
   path: pathlib.Path | None
 
 
@@ -78,10 +86,17 @@ def _is_hf_dir(path: pathlib.Path) -> bool:
   return (path / "config.json").exists()
 
 
+# Looked for in the checkpoint folder, then in the two folders above it (a
+# Kaggle download keeps tokenizer.model beside the checkpoint folder); in each,
+# SentencePiece's file first.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
 def _find_tokenizer(path: pathlib.Path) -> pathlib.Path | None:
   for candidate in (path, *path.parents[:2]):
-    if (candidate / "tokenizer.model").exists():
-      return candidate / "tokenizer.model"
+    for name in TOKENIZER_FILES:
+      if (candidate / name).is_file():
+        return candidate / name
   return None
 
 
@@ -171,9 +186,10 @@ def load(
       replicated instead (`gemma_surgery.parallel.distributed.check_mesh`).
       Without it such parameters are replicated and one
       `errors.ReplicationWarning` names them and their share of memory.
-    tokenizer: A tokenizer path or object to use instead of the checkpoint's
-      ``tokenizer.model`` (any object with ``encode``/``decode``, including the
-      ``gemma`` package's tokenizers).
+    tokenizer: A tokenizer path (``tokenizer.model``, or a ``.json`` file
+      read as a Hugging Face ``tokenizer.json``) or object to use instead of
+      the checkpoint's own (any object with ``encode``/``decode``, including
+      the ``gemma`` package's tokenizers).
     cache_dir: Download cache for hub sources.
     progress: Show progress bars.
 
@@ -233,15 +249,17 @@ def load(
     raise errors.TokenizerError(
       f"The tokenizer has {found.vocab_size} tokens but the model's vocabulary"
       f" has {config.vocab_size}: they don't belong together. Pass the"
-      " checkpoint's own tokenizer.model."
+      " checkpoint's own tokenizer.model or tokenizer.json."
     )
   return LoadedModel(model=model, config=config, tokenizer=found, path=path)
 
 
-def _load_tokenizer(tokenizer: Any, path: pathlib.Path) -> GemmaTokenizer | None:
+def _load_tokenizer(tokenizer: Any, path: pathlib.Path) -> TokenizerBase | None:
   if tokenizer is None:
     found = _find_tokenizer(path if path.is_dir() else path.parent)
-    return None if found is None else GemmaTokenizer.from_file(found)
-  if isinstance(tokenizer, str | pathlib.Path):
-    return GemmaTokenizer.from_file(tokenizer)
+    if found is None:
+      return None
+    if found.suffix == ".json":
+      return JsonTokenizer.from_file(found)
+    return GemmaTokenizer.from_file(found)
   return as_tokenizer(tokenizer)

@@ -35,6 +35,7 @@ from gemma_surgery.serve.batcher import Batcher
 from gemma_surgery.serve.engine import Engine, Output
 from gemma_surgery.serve.protocol import Job, RequestError
 from gemma_surgery.serve.streaming import TextStream
+from gemma_surgery.tokenizer.chat import GEMMA_CHAT
 
 __all__ = ["make_app"]
 
@@ -72,6 +73,8 @@ def make_app(
   batcher = Batcher(
     engine.run, max_batch=engine.max_batch, window_s=window_s, max_queue=max_queue
   )
+  # Chat turns in the tokenizer's markers (Gemma 4: <|turn>...<turn|>).
+  chat_format = getattr(engine.tokenizer, "chat_format", GEMMA_CHAT)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -197,7 +200,7 @@ def make_app(
 
   @app.post("/v1/chat/completions")
   async def chat(request: Request):
-    job = protocol.chat_job(await body_of(request), *space())
+    job = protocol.chat_job(await body_of(request), *space(), chat_format)
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     if job.stream:
       return stream(job, True, ident)

@@ -5,8 +5,8 @@ Three shapes are accepted (JSON objects):
 * OpenAI ``/v1/completions``: ``prompt`` (a string), ``max_tokens``,
   ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``.
 * OpenAI ``/v1/chat/completions``: ``messages`` (``system``/``user``/
-  ``assistant`` turns, rendered with Gemma's chat template) and the same
-  controls.
+  ``assistant`` turns, rendered with Gemma's chat template: Gemma 4's
+  ``<|turn>`` markers where the tokenizer has them) and the same controls.
 * Neuronpedia's steer request at ``/v1/steer``: ``prompt``, ``features``,
   ``strength_multiplier``, ``n_tokens``, ``temperature``, ``seed``.
 
@@ -37,6 +37,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from gemma_surgery.tokenizer.chat import GEMMA_CHAT, ChatFormat
 
 __all__ = [
   "Feature",
@@ -323,8 +325,9 @@ def completion_job(body: dict, limits: Limits, space: Steerable) -> Job:
   )
 
 
-def chat_template(messages: Any) -> str:
-  """Gemma's chat template; a system turn is prepended to the first user turn."""
+def chat_template(messages: Any, chat: ChatFormat = GEMMA_CHAT) -> str:
+  """Gemma's chat template in ``chat``'s markers; a system message becomes a
+  system turn (Gemma 4) or is prepended to the next user turn (Gemma 1-3)."""
   if not isinstance(messages, list) or not messages:
     raise RequestError("messages must be a non-empty list.", param="messages")
   system, turns = "", []
@@ -334,29 +337,33 @@ def chat_template(messages: Any) -> str:
     role, content = message.get("role"), message.get("content")
     if not isinstance(content, str):
       raise RequestError(f"messages[{i}].content must be a string.", param="messages")
-    if role == "system":
+    if role == "system" and chat.system_turn:
+      turns.append(chat.turn("system", content))
+    elif role == "system":
       system += content + "\n\n"
     elif role in ("user", "assistant"):
       turn = "user" if role == "user" else "model"
       if turn == "user" and system:
         content, system = system + content, ""
-      turns.append(f"<start_of_turn>{turn}\n{content}<end_of_turn>\n")
+      turns.append(chat.turn(turn, content))
     else:
       raise RequestError(
         f"messages[{i}].role {role!r}; valid: system, user, assistant.",
         param="messages",
       )
-  return "".join(turns) + "<start_of_turn>model\n"
+  return "".join(turns) + chat.generation_prompt
 
 
-def chat_job(body: dict, limits: Limits, space: Steerable) -> Job:
-  """An OpenAI chat completions body."""
+def chat_job(
+  body: dict, limits: Limits, space: Steerable, chat: ChatFormat = GEMMA_CHAT
+) -> Job:
+  """An OpenAI chat completions body (turns written in ``chat``'s markers)."""
   tokens_key = (
     "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
   )
   return Job(
     kind="chat",
-    prompt=chat_template(body.get("messages")),
+    prompt=chat_template(body.get("messages"), chat),
     stop=_stop(body),
     stream=bool(body.get("stream", False)),
     **_steering(body, space),

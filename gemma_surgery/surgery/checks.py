@@ -49,6 +49,57 @@ def site_sizes(model: Any, site: str) -> dict[str, int]:
   }
 
 
+def _layer_size(config: Any, site: str, axis: str, layer: int) -> int | None:
+  """A Gemma 4 axis size that varies by layer (None: it doesn't)."""
+  if axis == "neurons":
+    return config.layer_mlp_dim(layer)
+  if axis == "projection":
+    return config.layer_head_dim(layer)
+  if axis == "heads" and site in ("attn.k", "attn.v"):
+    return config.layer_kv_heads(layer)
+  return None
+
+
+def edit_sizes(
+  model: Any, site: str, layers: Any
+) -> tuple[dict[str, int], dict[str, dict[int, list[int]]]]:
+  """`site_sizes` at the layers an edit goes to.
+
+  On Gemma 4 the neuron count (double-wide MLPs), head width and kv heads
+  differ by layer; here they are those of ``layers`` (None: every layer).
+
+  Returns:
+    ``(sizes, mixed)``: ``mixed[axis]`` maps each size of an axis that
+    differs among ``layers`` to its layers (that axis is left out of
+    ``sizes``).
+  """
+  sizes = site_sizes(model, site)
+  config = getattr(model, "config", None)
+  if config is None or config.family != "gemma4" or not sites.site_info(site).per_layer:
+    return sizes, {}
+  mixed: dict[str, dict[int, list[int]]] = {}
+  for axis in list(sizes):
+    found: dict[int, list[int]] = {}
+    for i in sites.layer_indices(model, layers):
+      size = _layer_size(config, site, axis, i)
+      if size is not None:
+        found.setdefault(size, []).append(i)
+    if len(found) == 1:
+      sizes[axis] = next(iter(found))
+    elif found:
+      mixed[axis] = found
+      del sizes[axis]
+  return sizes, mixed
+
+
+def _refuse_mixed(site: str, axis: str, mixed: dict[int, list[int]], what: str):
+  by_size = "; ".join(f"{size} at layers {ls}" for size, ls in sorted(mixed.items()))
+  raise errors.SurgeryError(
+    f"{what} needs one {axis} size at {site!r}, but the layers differ ({by_size});"
+    " edit layers of one size per call."
+  )
+
+
 def flat_width(model: Any, site: str) -> int:
   """Values per token at ``site`` with its axes flattened (head-major).
 
@@ -142,13 +193,17 @@ def layers_for(site: str, layers: Any) -> Any:
 
 
 def index_mask(
-  model: Any, site: str, indices: Indices, axis: str
+  model: Any, site: str, indices: Indices, axis: str, layers: Any = None
 ) -> pz.nx.NamedArray | None:
   """A ``{axis}`` 0/1 float mask from indices; None when ``indices`` is None.
 
+  ``layers`` are those the edit goes to (None: all), whose ``axis`` size
+  (`edit_sizes`) bounds the indices.
+
   Raises:
     SiteError: ``axis`` is not an axis of ``site``.
-    SurgeryError: Non-integer or out-of-range indices.
+    SurgeryError: Non-integer or out-of-range indices, or ``layers`` that
+      differ in the size of ``axis``.
   """
   if indices is None:
     return None
@@ -157,7 +212,10 @@ def index_mask(
     if axis == "neurons":
       where = "'mlp.hidden'"
     raise errors.SiteError(f"{axis}= needs {where}; site {site!r} has no {axis} axis.")
-  size = site_sizes(model, site)[axis]
+  sizes, mixed = edit_sizes(model, site, layers)
+  if axis in mixed:
+    _refuse_mixed(site, axis, mixed[axis], f"{axis}={indices!r}")
+  size = sizes[axis]
   items = [indices] if isinstance(indices, int | np.integer) else list(indices)
   for i in items:
     if isinstance(i, bool) or not isinstance(i, int | np.integer):
@@ -179,6 +237,7 @@ def check_value(
   *,
   allowed: Iterable[str] | None = None,
   required: Iterable[str] = (),
+  layers: Any = None,
 ) -> None:
   """Checks a user NamedArray's type, axes, sizes and finiteness.
 
@@ -189,9 +248,12 @@ def check_value(
     name: Its name in messages.
     allowed: Axes it may have; default the site's axes plus batch/seq.
     required: Axes it must have.
+    layers: The layers it is used at (None: all), for sizes that differ by
+      layer on Gemma 4 (`edit_sizes`).
 
   Raises:
-    SurgeryError: On any mismatch, or NaN/inf entries.
+    SurgeryError: On any mismatch (sizes differing among ``layers`` on an
+      axis the value has included), or NaN/inf entries.
   """
   info = sites.site_info(site)
   allowed = set(allowed or (*info.axes, "batch", "seq"))
@@ -207,8 +269,10 @@ def check_value(
       f" {value.positional_shape}); site {site!r} takes axes among"
       f" {sorted(allowed)}, including {sorted(required)}."
     )
-  sizes = site_sizes(model, site)
+  sizes, mixed = edit_sizes(model, site, layers)
   for axis, size in value.named_shape.items():
+    if axis in mixed:
+      _refuse_mixed(site, axis, mixed[axis], name)
     if axis in sizes and sizes[axis] != size:
       raise errors.SurgeryError(
         f"{name} has {axis}={size}; the model has {axis}={sizes[axis]} at {site!r}."

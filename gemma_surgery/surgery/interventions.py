@@ -88,14 +88,15 @@ def ablate(
     raise errors.SurgeryError(f"mode={mode!r}; valid: {', '.join(ABLATE_MODES)}.")
   if (value is not None) != (mode == "value"):
     raise errors.SurgeryError("Pass value= exactly when mode='value'.")
+  at = layers_for(site, layers)
   if value is not None:
-    check_value(model, site, value, "Ablation value")
-  head_mask = index_mask(model, site, heads, "heads")
-  neuron_mask = index_mask(model, site, neurons, "neurons")
+    check_value(model, site, value, "Ablation value", layers=at)
+  head_mask = index_mask(model, site, heads, "heads", at)
+  neuron_mask = index_mask(model, site, neurons, "neurons", at)
   return sites.insert(
     model,
     site,
-    layers_for(site, layers),
+    at,
     lambda _: Ablate(
       value=value,
       head_mask=head_mask,
@@ -136,8 +137,9 @@ def patch(
   ):
     raise errors.SiteError(f"patch takes one layer index, got {layer!r}.")
   layer = layers_for(site, layer)
-  check_value(model, site, value, "Patch value", required=sites.site_info(site).axes)
-  head_mask = index_mask(model, site, heads, "heads")
+  required = sites.site_info(site).axes
+  check_value(model, site, value, "Patch value", required=required, layers=layer)
+  head_mask = index_mask(model, site, heads, "heads", layer)
   positions_mask = seq_index_mask(positions, value.named_shape)
   return sites.insert(
     model,
@@ -165,11 +167,13 @@ def scale_neurons(model: Any, layers: Layers, neurons: Indices, factor: Any) -> 
   Raises:
     SurgeryError: Indices out of range, non-finite or ill-shaped factors.
   """
-  mask = index_mask(model, "mlp.hidden", neurons, "neurons")
+  mask = index_mask(model, "mlp.hidden", neurons, "neurons", layers)
   if mask is None:
     raise errors.SurgeryError("Pass the neuron indices to scale (a list of ints).")
   if isinstance(factor, pz.nx.NamedArray | pz.nx.NamedArrayView):
-    check_value(model, "mlp.hidden", factor, "Neuron factor", allowed=("neurons",))
+    check_value(
+      model, "mlp.hidden", factor, "Neuron factor", allowed=("neurons",), layers=layers
+    )
   else:
     check_scalar("Neuron factor (a number, or a {neurons} NamedArray)", factor)
     factor = jnp.asarray(factor, jnp.float32)

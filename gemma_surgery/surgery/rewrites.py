@@ -115,7 +115,9 @@ def steer(
       at ``attn.scores``), a mask with other
       axes or sizes or entries than 0/1, unknown ``positions``.
   """
-  checks.check_value(model, site, vector, "Steering vector")
+  checks.check_value(
+    model, site, vector, "Steering vector", layers=checks.layers_for(site, layers)
+  )
   if positions not in base.POSITIONS:
     raise errors.SurgeryError(
       f"positions={positions!r}; valid: {', '.join(base.POSITIONS)}."

@@ -9,12 +9,18 @@
 
 from gemma_surgery.tokenizer.adapter import DuckTokenizer
 from gemma_surgery.tokenizer.base import SPACE_MARKER, TokenizerBase, display_piece
+from gemma_surgery.tokenizer.chat import GEMMA4_CHAT, GEMMA_CHAT, ChatFormat
 from gemma_surgery.tokenizer.gemma import GemmaTokenizer, Tokenizer, as_tokenizer
+from gemma_surgery.tokenizer.json_file import JsonTokenizer
 
 __all__ = [
+  "GEMMA4_CHAT",
+  "GEMMA_CHAT",
   "SPACE_MARKER",
+  "ChatFormat",
   "DuckTokenizer",
   "GemmaTokenizer",
+  "JsonTokenizer",
   "Tokenizer",
   "TokenizerBase",
   "as_tokenizer",

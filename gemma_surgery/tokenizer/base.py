@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gemma_surgery.errors import InputError, TokenizerError
+from gemma_surgery.tokenizer.chat import GEMMA4_CHAT, GEMMA_CHAT, ChatFormat
 from gemma_surgery.validation import check_token_ids, to_host_array
 
 SPACE_MARKER = "␣"
@@ -93,6 +94,22 @@ class TokenizerBase:
   @property
   def vocab_size(self) -> int:
     return self._vocab_size
+
+  def has_piece(self, piece: str) -> bool:
+    """Whether ``piece`` is one vocabulary entry (e.g. ``'<|turn>'``)."""
+    ids = self._encode_one(piece)
+    return len(ids) == 1 and self._raw_piece(int(ids[0])) == piece
+
+  @property
+  def chat_format(self) -> ChatFormat:
+    """The chat-turn markers of this vocabulary (`tokenizer.chat`).
+
+    `GEMMA4_CHAT` (``<|turn>``/``<turn|>``) when the vocabulary holds both of
+    its markers, else `GEMMA_CHAT` (``<start_of_turn>``/``<end_of_turn>``).
+    """
+    if all(self.has_piece(p) for p in (GEMMA4_CHAT.start, GEMMA4_CHAT.end)):
+      return GEMMA4_CHAT
+    return GEMMA_CHAT
 
   def _encode_one(self, text: str) -> list[int]:
     raise NotImplementedError

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import sentencepiece as spm
+import tokenizers
 
 from gemma_surgery.errors import TokenizerError
 from gemma_surgery.tokenizer.adapter import DuckTokenizer
@@ -29,6 +30,8 @@ from gemma_surgery.tokenizer.base import (
   TokenizerBase,
   display_piece,
 )
+from gemma_surgery.tokenizer.chat import ChatFormat
+from gemma_surgery.tokenizer.json_file import JsonTokenizer, is_json_path
 
 __all__ = [
   "SPACE_MARKER",
@@ -69,6 +72,9 @@ class Tokenizer(Protocol):
   def pieces(self, ids: Any) -> list[str]: ...
 
   def ordinary_ids(self) -> Any: ...
+
+  @property
+  def chat_format(self) -> ChatFormat: ...
 
 
 class GemmaTokenizer(TokenizerBase):
@@ -140,18 +146,23 @@ class GemmaTokenizer(TokenizerBase):
     Raises:
       TokenizerError: If the piece is not in the vocabulary.
     """
-    token_id = int(self.sp.piece_to_id(piece))
-    if token_id == self._unk and piece != self.sp.id_to_piece(token_id):
+    if not self.has_piece(piece):
       raise TokenizerError(f"piece {piece!r} is not in the vocabulary")
-    return token_id
+    return int(self.sp.piece_to_id(piece))
+
+  def has_piece(self, piece: str) -> bool:
+    token_id = int(self.sp.piece_to_id(piece))
+    return self.sp.id_to_piece(token_id) == piece
 
 
 def as_tokenizer(obj: Any) -> Tokenizer:
   """Adapts a tokenizer-like object to the `Tokenizer` interface.
 
   Args:
-    obj: A `GemmaTokenizer` (returned as is); a path to a `tokenizer.model`;
-      a `sentencepiece.SentencePieceProcessor`; or any object with
+    obj: A `GemmaTokenizer` or `JsonTokenizer` (returned as is); a path to a
+      ``tokenizer.model`` or a ``tokenizer.json`` (a path ending in
+      ``.json``); a `sentencepiece.SentencePieceProcessor`; a
+      `tokenizers.Tokenizer`; or any object with
       `encode(str) -> list[int]` and `decode(list[int]) -> str`, such as the
       `gemma` package's `gm.text.Gemma3Tokenizer` (its BOS id is found via
       `bos_id`, `special_tokens.BOS`, an inner SentencePiece processor, or
@@ -167,15 +178,20 @@ def as_tokenizer(obj: Any) -> Tokenizer:
   """
   if isinstance(obj, TokenizerBase):
     return obj
+  if is_json_path(obj):
+    return JsonTokenizer.from_file(obj)
   if isinstance(obj, (str, os.PathLike)):
     return GemmaTokenizer.from_file(obj)
   if isinstance(obj, spm.SentencePieceProcessor):
     return GemmaTokenizer(obj)
+  if isinstance(obj, tokenizers.Tokenizer):
+    return JsonTokenizer(obj)
   if callable(getattr(obj, "encode", None)) and callable(getattr(obj, "decode", None)):
     return DuckTokenizer(obj)
   raise TokenizerError(
     f"cannot use a {type(obj).__qualname__} as a tokenizer: expected a "
-    "GemmaTokenizer, a path to a tokenizer.model, a "
-    "sentencepiece.SentencePieceProcessor, or an object with "
+    "GemmaTokenizer, a path to a tokenizer.model or tokenizer.json, a "
+    "sentencepiece.SentencePieceProcessor, a tokenizers.Tokenizer, or an "
+    "object with "
     "encode(str) -> list[int] and decode(list[int]) -> str"
   )

@@ -21,11 +21,12 @@ import numpy as np
 import tqdm.auto as tqdm
 
 from gemma_surgery import analysis, errors, viz
-from gemma_surgery.generation import generate, named_tokens
+from gemma_surgery.generation import named_tokens
 from gemma_surgery.host import to_numpy
 from gemma_surgery.loading.api import LoadedModel
 from gemma_surgery.surgery import capture, jit_forward
 from gemma_surgery.tour.attribution_section import attribution_section
+from gemma_surgery.tour.overview_section import overview_section
 from gemma_surgery.tour.sae_section import sae_section
 
 DEFAULT_PROMPT = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return"
@@ -95,30 +96,6 @@ class TourContext:
     self.pngs.append(path)
 
 
-def _overview(ctx: TourContext) -> None:
-  cfg = ctx.lm.config
-  ctx.report.heading("Model")
-  ctx.report.code(
-    f"source: {ctx.lm.path}\nfamily: {cfg.family}, layers: {cfg.num_layers},"
-    f" d_model: {cfg.embedding_dim}, heads: {cfg.num_heads} (kv {cfg.num_kv_heads}),"
-    f" mlp: {cfg.mlp_hidden_dim}, vocab: {cfg.vocab_size},"
-    f" parameters: {cfg.num_parameters():,}"
-  )
-  out = generate(
-    ctx.model,
-    ctx.ids,
-    max_new_tokens=ctx.new_tokens,
-    tokenizer=ctx.lm.tokenizer,
-    eos_id=cfg.eos_id,
-  )
-  text = out.text[0] if out.text else " ".join(map(str, out.tokens[0]))
-  ctx.continuation = text
-  ctx.report.heading("Greedy continuation", 3)
-  ctx.report.code(ctx.prompt + text)
-  if cfg.num_parameters() <= 50_000_000:
-    ctx.report.add(viz.show(ctx.model, arrays=False), heading="The Penzai model")
-
-
 def _logit_lens(ctx: TourContext) -> None:
   lens = analysis.logit_lens(ctx.model, ctx.ids, k=10)
   tops = np.array(
@@ -151,7 +128,11 @@ def _neurons(ctx: TourContext) -> None:
   ctx.report.heading(f"MLP neurons (layer {layer})")
   ctx.report.add(
     viz.neuron_buckets(
-      ctx.pieces, ids, values, num_neurons=ctx.lm.config.mlp_hidden_dim, title=None
+      ctx.pieces,
+      ids,
+      values,
+      num_neurons=ctx.lm.config.layer_mlp_dim(layer),
+      title=None,
     ),
     heading="Top neurons per token",
   )
@@ -312,7 +293,7 @@ def _normalized(result: Any) -> np.ndarray:
 
 
 SECTIONS: dict[str, Callable[[TourContext], None]] = {
-  "overview": _overview,
+  "overview": overview_section,
   "logit lens": _logit_lens,
   "neurons": _neurons,
   "attention": _attention,
@@ -378,8 +359,8 @@ def run_tour(
   prompt = DEFAULT_PROMPT if prompt is None else prompt
   if lm.tokenizer is None:
     raise errors.TokenizerError(
-      "The tour needs a tokenizer (the model folder has no tokenizer.model): load"
-      " with tokenizer=PATH."
+      "The tour needs a tokenizer (the model folder has no tokenizer.model or"
+      " tokenizer.json): load with tokenizer=PATH."
     )
   ids = np.asarray([lm.tokenizer.encode(prompt, add_bos=True)], np.int32)
   ctx = TourContext(
