@@ -131,7 +131,8 @@ def make_app(
     pieces: asyncio.Queue = asyncio.Queue()
     future = batcher.enqueue(rows, pieces.put_nowait)  # 4xx before streaming
     future.add_done_callback(lambda f: f.cancelled() or f.exception())
-    text = TextStream(engine.tokenizer, engine.eos_id, job.max_new_tokens, job.stop)
+    ends = rows[0].end_ids
+    text = TextStream(engine.tokenizer, ends, job.max_new_tokens, job.stop)
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:

@@ -47,6 +47,7 @@ from gemma_surgery.sae import AutoEncoder
 from gemma_surgery.sae.splice import check_fits
 from gemma_surgery.serve import relay
 from gemma_surgery.serve.protocol import Job, Limits, RequestError, Steerable
+from gemma_surgery.serve.streaming import cut_at_end
 from gemma_surgery.surgery import steer
 from gemma_surgery.surgery.sites import num_layers
 
@@ -72,6 +73,7 @@ class Row:
   max_new_tokens: int
   vectors: tuple[tuple[tuple[str, int], np.ndarray], ...] = ()
   sampling: tuple = (0.0, None, 0)  # temperature, top_p, seed
+  end_ids: tuple[int, ...] = ()  # ids ending the row (EOS; chat: the turn end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,16 @@ class Output:
   tokens: list[int]
   text: str
   finish_reason: str
+
+
+def _turn_end_id(tokenizer: Any) -> int | None:
+  """The id of the tokenizer's end-of-turn piece (``<end_of_turn>`` or
+  Gemma 4's ``<turn|>``), or None when its vocabulary lacks one."""
+  end = tokenizer.chat_format.end
+  if not tokenizer.has_piece(end):
+    return None
+  ids = tokenizer.encode(end, add_bos=False)
+  return int(ids[0]) if len(ids) == 1 else None
 
 
 def _pow2(n: int) -> int:
@@ -124,6 +136,7 @@ class Engine:
       raise errors.InputError(f"stream_chunk must be >= 1, got {stream_chunk}.")
     self.stream_chunk = stream_chunk
     self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
+    self.turn_end_id = _turn_end_id(tokenizer)
     self.mesh, self._stopped = mesh, False
     self.limits, self.max_batch = limits, max_batch
     self._saes: dict[str, tuple[tuple[str, int], np.ndarray]] = {}
@@ -176,9 +189,12 @@ class Engine:
         param="prompt",
       )
     sampling = (job.temperature, job.top_p, job.seed)
-    steered = Row(ids, job.max_new_tokens, self.vectors(job), sampling)
+    ends = () if self.eos_id is None else (self.eos_id,)
+    if job.kind == "chat" and self.turn_end_id is not None:
+      ends += (self.turn_end_id,)  # the model's turn ends the answer
+    steered = Row(ids, job.max_new_tokens, self.vectors(job), sampling, ends)
     if job.kind == "steer":
-      return [steered, Row(ids, job.max_new_tokens, (), sampling)]
+      return [steered, Row(ids, job.max_new_tokens, (), sampling, ends)]
     return [steered]
 
   def run(
@@ -208,9 +224,7 @@ class Engine:
     results = []
     for i, r in enumerate(rows):
       row = [int(t) for t in tokens[i, : min(lengths[i], r.max_new_tokens)]]
-      stopped = self.eos_id is not None and self.eos_id in row
-      if stopped:
-        row = row[: row.index(self.eos_id)]
+      row, stopped = cut_at_end(row, r.end_ids)
       text = self.tokenizer.decode(row) if row else ""
       results.append(Output(row, text, "stop" if stopped else "length"))
     return results

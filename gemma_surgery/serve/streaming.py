@@ -15,7 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["TextStream"]
+__all__ = ["TextStream", "cut_at_end"]
+
+
+def cut_at_end(tokens: list[int], end_ids: Sequence[int]) -> tuple[list[int], bool]:
+  """``tokens`` before the first of ``end_ids``, and whether one occurred."""
+  ends = [tokens.index(e) for e in end_ids if e in tokens]
+  return (tokens[: min(ends)], True) if ends else (tokens, False)
 
 
 class TextStream:
@@ -23,15 +29,15 @@ class TextStream:
 
   Args:
     tokenizer: Decodes token ids.
-    eos_id: End-of-sequence id (None: none).
+    end_ids: Ids that end the row (EOS; a chat's end of turn).
     limit: The request's ``max_new_tokens``.
     stop: Stop strings (the text ends before the first).
   """
 
   def __init__(
-    self, tokenizer: Any, eos_id: int | None, limit: int, stop: Sequence[str]
+    self, tokenizer: Any, end_ids: Sequence[int], limit: int, stop: Sequence[str]
   ):
-    self.tokenizer, self.eos_id, self.limit = tokenizer, eos_id, limit
+    self.tokenizer, self.end_ids, self.limit = tokenizer, tuple(end_ids), limit
     self.stop = tuple(stop)
     self.hold = max((len(s) for s in self.stop), default=1) - 1
     self.tokens: list[int] = []
@@ -43,8 +49,8 @@ class TextStream:
     if self.reason is not None:
       return ""
     self.tokens += [int(t) for t in tokens]
-    if self.eos_id is not None and self.eos_id in self.tokens:
-      self.tokens = self.tokens[: self.tokens.index(self.eos_id)]
+    self.tokens, ended = cut_at_end(self.tokens, self.end_ids)
+    if ended:
       self.reason = "stop"
     elif len(self.tokens) >= self.limit:
       self.tokens = self.tokens[: self.limit]
