@@ -9,8 +9,9 @@
    ``average_l0_82``) and θ = 1.28 (L0 ≈ 1640, 10%: the dense fallback).
    Then 8 tokens (a few prompts' last positions, as in generation), where
    the decode is memory-bound and reading ~80 decoder rows per token instead
-   of all 16384 pays off. `reconstruct` picks sparse or dense by the rows it
-   would gather (`sparse.decodes_sparsely`).
+   of all 16384 pays off. `reconstruct` decodes sparsely when its slots per
+   token are a small part of the width, or the batch is small
+   (`sparse.decodes_sparsely`), so at L0 ≈ 77 also for 1024 tokens.
    Reported: the largest difference from numpy, and the number of latents
    whose on/off state differs (pre-activations within float32 rounding of θ;
    summation order differs between BLAS libraries).

@@ -3,7 +3,7 @@
 ``jax.random.categorical(key, logits)`` is ``argmax(logits + g)`` with ``g =
 jax.random.gumbel(key, logits.shape)``: on a 256 000-token vocabulary drawing
 ``g`` costs about 5 ms per row on a CPU, more than the rest of a filtered
-sampling step. When only a few positions can win (top-k / top-p keep them),
+sampling step. When only a few positions can win (top-k keeps them),
 `gumbel_at` computes ``g`` at those positions only, bit for bit the values the
 full draw has there.
 

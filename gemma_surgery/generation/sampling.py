@@ -12,15 +12,18 @@ Filtering follows Hugging Face's order: divide by the temperature, keep the
 cumulative probability reaches ``top_p`` (always at least one token). Ranks
 are by logit, ties broken by the lower token id (a stable sort's order).
 
-No step sorts the vocabulary. Filtered sampling takes the `FAST_K` largest
-logits with one ``lax.top_k``; when the kept set lies inside them (``top_k <=
-FAST_K``, or the nucleus ends there) it samples among them alone, with the
-Gumbel noise of ``jax.random.categorical`` computed at those positions only
-(`gumbel.gumbel_at`). Otherwise (a wide nucleus) the kept set is found on the
-whole vocabulary by bisecting on the logit value (`nucleus.keep_mask`).
-Both give the tokens the former full-sort implementation gave (tested on many
-seeds); the only possible difference is a token whose preceding probability
-mass lies within float32 rounding of ``top_p``, where summation order decides.
+No step sorts the vocabulary. With ``top_k <= FAST_K`` one ``lax.top_k``
+takes the candidates and the draw happens among them alone, with the Gumbel
+noise of ``jax.random.categorical`` computed at those positions only
+(`gumbel.gumbel_at`). With top-p alone the draw comes from the unfiltered one
+(`_nucleus_winner`: the best-scoring token is checked against the nucleus,
+which fails with probability ``<= 1 - top_p``), so the kept set is never
+built; a top-k wider than ``FAST_K`` takes the mask found by bisecting on the
+logit value (`nucleus.keep_mask`). All give the tokens the former full-sort
+implementation gave (tests/generation/test_sampling.py) and the published rule
+gives (test_nucleus_rule.py); the only possible difference is a token whose
+preceding probability mass lies within float32 rounding of ``top_p``, where
+summation order decides.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from penzai import pz
 from gemma_surgery.generation import gumbel, nucleus
 
 FAST_K = 1024
-"""Candidates taken by ``lax.top_k`` for filtered sampling (static)."""
+"""Candidates taken by ``lax.top_k`` for top-k sampling (static)."""
+
+TRIES = 8
+"""Unfiltered-draw winners checked against the nucleus before the mask."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +85,8 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 def _fast(scaled, top_k, top_p, k: int):
   """Top-k / top-p among the ``k`` largest logits of each row.
 
-  Returns ``(keep [rows, k], index [rows, k], values [rows, k], exact [rows])``
-  where ``exact`` says the kept set certainly lies among the ``k``.
+  Returns ``(keep [rows, k], index [rows, k], values [rows, k])``; exact when
+  ``top_k <= k`` or ``k`` is the vocabulary.
   """
   vocab = scaled.shape[-1]
   values, index = jax.lax.top_k(scaled, k)
@@ -97,8 +103,74 @@ def _fast(scaled, top_k, top_p, k: int):
   probs = jnp.where(in_k, e / denom, 0.0)
   cumulative = jnp.cumsum(probs, axis=-1)
   keep = in_k & ((cumulative - probs < top_p) | (rank == 0))
-  exact = (top_k <= k) | (all_tokens & (cumulative[:, -1] >= top_p))
-  return keep, index, values, exact
+  return keep, index, values
+
+
+def argmax(x: jax.Array) -> jax.Array:
+  """``jnp.argmax(x, axis=-1)`` as two vectorised passes (a max, then the
+  lowest index holding it) instead of XLA:CPU's slower variadic reduce.
+
+  Like ``jnp.argmax``, a row with NaN gives its first NaN (the max is NaN).
+  """
+  best = jnp.max(x, axis=-1, keepdims=True)
+  ids = jnp.arange(x.shape[-1])
+  return jnp.min(jnp.where((x == best) | (x != x), ids, x.shape[-1]), axis=-1)
+
+
+def _nucleus_winner(keys, scaled, top_p):
+  """The draw among the nucleus (no top-k), found from the unfiltered draw.
+
+  ``jax.random.categorical`` on the filtered logits is the argmax of ``scaled
+  + g`` over the kept tokens (``g`` the key's full Gumbel draw). The kept set
+  is a prefix of the rank order, so the winner is found without the set: take
+  the argmax of ``scaled + g`` over the tokens ranked ahead of every rejected
+  one; if the probability ranked ahead of it is ``< top_p`` it is kept and
+  wins, else it is rejected (and with it every token ranked after it). A try
+  is three fused passes over the vocabulary; the first fails only when the
+  unfiltered draw lands outside the nucleus (probability ``<= 1 - top_p``).
+  Rows still open after `TRIES` tries take the bisection mask.
+
+  Returns ``[rows]`` tokens.
+  """
+  rows, vocab = scaled.shape
+  noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys)
+  score = scaled + noise
+  order = nucleus.sortable(scaled)
+  e = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+  probs = e / jnp.sum(e, axis=-1, keepdims=True)
+  ids = jnp.arange(vocab)
+  row = jnp.arange(rows)
+
+  def ahead_of(key, index):
+    """Tokens ranked before ``(key, index)`` (logit order, ties by id)."""
+    return (order > key[:, None]) | ((order == key[:, None]) & (ids < index[:, None]))
+
+  def open_rows(state):
+    return (state[0] < TRIES) & ~jnp.all(state[1])
+
+  def try_once(state):
+    tries, found, token, key = state
+    # Candidates: the tokens ranked ahead of the last rejected one.
+    alive = jnp.where(ahead_of(key, token), score, -jnp.inf)
+    j = argmax(alive)
+    at = order[row, j]
+    mass = jnp.sum(jnp.where(ahead_of(at, j), probs, 0.0), axis=-1)
+    kept = mass < top_p  # the most likely token has mass 0
+    token = jnp.where(found, token, j)
+    key = jnp.where(found, key, at)
+    return tries + 1, found | kept, token, key
+
+  # (INT_MIN, vocab) has every token ahead: sortable gives INT_MIN only for
+  # one NaN pattern.
+  lowest = jnp.full(rows, jnp.iinfo(jnp.int32).min, jnp.int32)
+  start = (jnp.int32(0), jnp.zeros(rows, bool), jnp.full(rows, vocab), lowest)
+  _, found, token, _ = jax.lax.while_loop(open_rows, try_once, start)
+
+  def by_mask(_):
+    keep = nucleus.keep_mask(scaled, jnp.int32(vocab), top_p)
+    return jnp.where(found, token, jnp.argmax(jnp.where(keep, score, -jnp.inf), -1))
+
+  return jax.lax.cond(jnp.all(found), lambda _: token, by_mask, None)
 
 
 def sample_filtered(
@@ -117,9 +189,9 @@ def sample_filtered(
   """
   vocab = scaled.shape[-1]
   k = min(FAST_K, vocab)
-  keep, index, values, exact = _fast(scaled, top_k, top_p, k)
 
   def among_candidates(_):
+    keep, index, values = _fast(scaled, top_k, top_p, k)
     noise = gumbel.gumbel_at(keys, index, vocab)
     score = jnp.where(keep, values + noise, -jnp.inf)
     best = jnp.max(score, axis=-1, keepdims=True)
@@ -132,7 +204,10 @@ def sample_filtered(
 
   if k == vocab:
     return among_candidates(None).astype(jnp.int32)
-  tokens = jax.lax.cond(jnp.all(exact), among_candidates, whole_vocabulary, None)
+  # top-k within the candidates; top-p alone; a top-k wider than the candidates.
+  branch = jnp.where(top_k <= k, 0, jnp.where(top_k >= vocab, 1, 2))
+  paths = (among_candidates, lambda _: _nucleus_winner(keys, scaled, top_p))
+  tokens = jax.lax.switch(branch, (*paths, whole_vocabulary), None)
   return tokens.astype(jnp.int32)
 
 

@@ -10,10 +10,10 @@ reports how many tokens overflowed so callers can check.
 
 `reconstruct` is the eager entry point: it encodes, measures the largest L0
 of the batch, picks the ``active`` size from a few power-of-two buckets (one
-compile each) and decodes sparsely when that reads few enough decoder rows
-(`decodes_sparsely`: small batches, e.g. a few prompts' last tokens), densely
-otherwise; it never drops a latent. On CPU, XLA's dense matmul beats row
-gathers for large batches (measured in ``bench/sae.py``).
+compile each) and decodes sparsely when the slots are a small part of the
+width or the batch is small (`decodes_sparsely`), densely otherwise; it never
+drops a latent. At Gemma Scope's L0 a 1024-token batch decodes several times
+faster sparsely than densely on CPU (``bench/sae.py``).
 
 Axes: features ``{..., latents}`` → `SparseFeatures` ``{..., active}`` →
 output ``{..., embedding}``.
@@ -32,10 +32,17 @@ from gemma_surgery.errors import SAEError
 from gemma_surgery.sae.autoencoders import AutoEncoder, Transcoder
 
 MIN_ACTIVE = 8
-# `reconstruct` decodes sparsely only while the gathered decoder rows (tokens
-# × slots) are at most 1/ROWS_FRACTION of the decoder: on CPU a dense matmul
-# beats XLA's row gathers beyond that (bench/sae.py, BENCHMARKS.md).
+# `reconstruct` decodes sparsely while the slots per token are at most
+# 1/SLOTS_FRACTION of the width (beyond that, on CPU, a dense matmul beats
+# reading the rows one by one: bench/sae.py), or for any slot count while the
+# rows to read (tokens × slots) are at most 1/ROWS_FRACTION of the decoder
+# (a few tokens: the dense decode reads the whole decoder for them).
+SLOTS_FRACTION = 16
 ROWS_FRACTION = 4
+# `sparse_decode` gathers all rows at once up to this many (tokens × slots),
+# else it loops over the slots of TILE tokens at a time.
+GATHER_ROWS = 4096
+TILE = 256
 
 
 @pz.pytree_dataclass
@@ -57,10 +64,21 @@ class SparseFeatures(pz.Struct):
 
 
 def _compact_row(row: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-  """The ``size`` first nonzero entries of a ``[latents]`` row and their ids."""
-  (idx,) = jnp.nonzero(row, size=size, fill_value=0)
-  used = jnp.arange(size) < jnp.count_nonzero(row)
-  return jnp.where(used, row[idx], 0.0), idx.astype(jnp.int32)
+  """The ``size`` first nonzero entries of a ``[latents]`` row and their ids.
+
+  One ``lax.top_k`` on ``-id`` (``-inf`` at zeros) instead of ``jnp.nonzero``
+  (a cumulative sum and a scatter, 3x slower on CPU); float32 holds the ids
+  exactly up to 2**24 latents, beyond that ``jnp.nonzero`` is used.
+  """
+  width = row.shape[-1]
+  if width > 2**24:
+    (idx,) = jnp.nonzero(row, size=size, fill_value=0)
+    used = jnp.arange(size) < jnp.count_nonzero(row)
+    return jnp.where(used, row[idx], 0.0), idx.astype(jnp.int32)
+  key = jnp.where(row != 0, -jnp.arange(width, dtype=jnp.float32), -jnp.inf)
+  first, idx = jax.lax.top_k(key, size)
+  used = first > -jnp.inf
+  return jnp.where(used, row[idx], 0.0), jnp.where(used, idx, 0).astype(jnp.int32)
 
 
 def sparsify(features: pz.nx.NamedArray, active: int) -> SparseFeatures:
@@ -72,7 +90,7 @@ def sparsify(features: pz.nx.NamedArray, active: int) -> SparseFeatures:
 
   Returns:
     The `SparseFeatures` (``overflow`` counts tokens whose L0 exceeded
-    ``active``).
+    ``active``): nonzero latents in increasing id order, then empty slots.
   """
   width = features.named_shape["latents"]
   if not 1 <= active <= width:
@@ -88,22 +106,55 @@ def sparsify(features: pz.nx.NamedArray, active: int) -> SparseFeatures:
   )
 
 
+def _decode_tiles(values: jax.Array, indices: jax.Array, w_dec: jax.Array):
+  """``[tokens, active]`` → ``[tokens, embedding]``, `TILE` tokens at a time.
+
+  Per tile, a loop over the slots up to the tile's last nonzero one adds
+  ``value · W_dec[index]`` for the tile's tokens: the accumulator stays in
+  cache and no ``[tokens, active, embedding]`` gather is materialised.
+  """
+  tokens, active = values.shape
+  tile = min(TILE, tokens)
+  pad = -tokens % tile
+  values = jnp.pad(values, ((0, pad), (0, 0)))
+  indices = jnp.pad(indices, ((0, pad), (0, 0)))
+  slot = jnp.arange(1, active + 1)
+  last = jnp.max(jnp.where(values != 0, slot, 0).reshape(-1, tile * active), axis=-1)
+
+  def one_tile(args):
+    v, i, n = args
+
+    def add(a, acc):
+      return acc + v[:, a, None] * w_dec[i[:, a]]
+
+    return jax.lax.fori_loop(0, n, add, jnp.zeros((tile, w_dec.shape[1]), jnp.float32))
+
+  shape = (-1, tile, active)
+  out = jax.lax.map(one_tile, (values.reshape(shape), indices.reshape(shape), last))
+  return out.reshape(-1, w_dec.shape[1])[:tokens]
+
+
 def sparse_decode(sae: AutoEncoder, sparse: SparseFeatures) -> pz.nx.NamedArray:
   """``Σ_active value · W_dec[index] + b_dec`` → ``{..., embedding}`` (f32).
 
-  Reads only the decoder rows of active latents. Transcoders' affine skip
-  term needs the input and is not included (see `reconstruct`).
+  Reads only the decoder rows of active latents: gathered at once for a few
+  tokens, in tiles of `TILE` tokens (`_decode_tiles`) for more. Transcoders'
+  affine skip term needs the input and is not included (see `reconstruct`).
   """
   w_dec = sae.w_dec.value.astype(jnp.float32).unwrap("latents", "embedding")
-
-  def one(values: jax.Array, indices: jax.Array) -> jax.Array:
-    return jnp.einsum(
-      "a,ad->d", values, w_dec[indices], precision=jax.lax.Precision.HIGHEST
+  names = tuple(n for n in sparse.values.named_shape if n != "active")
+  values = sparse.values.unwrap(*names, "active")
+  indices = sparse.indices.unwrap(*names, "active")
+  active = values.shape[-1]
+  values, indices = values.reshape(-1, active), indices.reshape(-1, active)
+  if values.shape[0] * active <= GATHER_ROWS:
+    out = jnp.einsum(
+      "ta,tad->td", values, w_dec[indices], precision=jax.lax.Precision.HIGHEST
     )
-
-  values = sparse.values.untag_prefix("active")
-  indices = sparse.indices.untag_prefix("active")
-  out = pz.nx.nmap(one)(values, indices).tag_prefix("embedding")
+  else:
+    out = _decode_tiles(values, indices, w_dec)
+  shape = tuple(sparse.values.named_shape[n] for n in names)
+  out = pz.nx.wrap(out.reshape(*shape, -1)).tag(*names, "embedding")
   return out + sae.b_dec.value.astype(jnp.float32)
 
 
@@ -115,8 +166,8 @@ def active_slots(max_l0: int, width: int) -> int:
 
 def decodes_sparsely(tokens: int, active: int, width: int) -> bool:
   """Whether `reconstruct` uses the sparse decoder for ``tokens`` tokens with
-  ``active`` slots each (see `ROWS_FRACTION`)."""
-  return tokens * active * ROWS_FRACTION <= width
+  ``active`` slots each (see `SLOTS_FRACTION`, `ROWS_FRACTION`)."""
+  return active * SLOTS_FRACTION <= width or tokens * active * ROWS_FRACTION <= width
 
 
 @functools.partial(jax.jit, static_argnames="active")

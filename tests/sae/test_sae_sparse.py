@@ -103,15 +103,49 @@ def test_too_few_slots_are_reported_and_change_the_result():
   np.testing.assert_allclose(out, out_ref, atol=1e-4)
 
 
-def test_many_tokens_decode_densely_with_the_same_result():
-  a = _arrays()
+@pytest.mark.parametrize("tile", [16, 256])
+def test_many_tokens_decode_in_tiles(monkeypatch, tile):
+  """The tiled loop (used past GATHER_ROWS) against numpy, with a partial
+  last tile (3 × 40 = 120 tokens) and negative features."""
+  monkeypatch.setattr(sparse, "GATHER_ROWS", 0)
+  monkeypatch.setattr(sparse, "TILE", tile)
+  a = _arrays(threshold=-3.0, shift=-10.0, seed=tile)
   sae = AutoEncoder.from_arrays(a, _info())
   x = _x(tokens=40)
-  assert not sparse.decodes_sparsely(120, sparse.MIN_ACTIVE, WIDTH)
+  f_ref, out_ref = _numpy_sae(x, a)
+  assert (f_ref < 0).any()
+  slots = sparse.active_slots((f_ref != 0).sum(-1).max(), WIDTH)
+  assert sparse.decodes_sparsely(120, slots, WIDTH)
+  assert not sparse.decodes_sparsely(120, 64, WIDTH)  # dense past 1/16 of the width
+  tiled = sparse.sparse_decode(sae, sparse.sparsify(sae.encode(_named(x)), slots))
   _, out = sparse.reconstruct(sae, _named(x))
-  np.testing.assert_allclose(
-    out.unwrap("batch", "seq", "embedding"), _numpy_sae(x, a)[1], atol=1e-4
-  )
+  for result in (tiled, out):
+    got = result.unwrap("batch", "seq", "embedding")
+    np.testing.assert_allclose(got, out_ref, atol=1e-4)
+  # Negative control: one slot per token drops latents.
+  few = sparse.sparse_decode(sae, sparse.sparsify(sae.encode(_named(x)), 1))
+  assert np.abs(few.unwrap("batch", "seq", "embedding") - out_ref).max() > 1e-2
+
+
+def test_compaction_keeps_the_first_nonzero_latents_in_order():
+  a = _arrays(threshold=2.0)
+  sae = AutoEncoder.from_arrays(a, _info())
+  features = sae.encode(_named(_x()))
+  f = np.asarray(features.unwrap("batch", "seq", "latents")).reshape(-1, WIDTH)
+  for slots in (4, 16, 64):
+    compact = sparse.sparsify(features, slots)
+    values = np.asarray(compact.values.unwrap("batch", "seq", "active"))
+    indices = np.asarray(compact.indices.unwrap("batch", "seq", "active"))
+    for row, v, i in zip(
+      f, values.reshape(-1, slots), indices.reshape(-1, slots), strict=True
+    ):
+      ids = np.flatnonzero(row)[:slots]
+      expected = np.zeros(slots, np.int64)
+      expected[: len(ids)] = ids
+      np.testing.assert_array_equal(i, expected)
+      np.testing.assert_array_equal(
+        v, np.where(np.arange(slots) < len(ids), row[expected], 0)
+      )
 
 
 def test_slot_buckets():
