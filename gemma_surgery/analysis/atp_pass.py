@@ -45,6 +45,15 @@ def changed_keep(delta: pz.nx.NamedArray, keep: tuple[str, ...]) -> Any:
   return pz.nx.nmap(jnp.any)((delta != 0).untag(*drop)).unwrap(*keep)
 
 
+def coarsen(
+  x: np.ndarray, reduce: Any, keep: tuple[str, ...], to: tuple[str, ...]
+) -> np.ndarray:
+  """``x`` over ``keep`` axes reduced (``np.sum``, ``np.any``) to ``to``'s
+  axes, a subset of ``keep`` in the same order."""
+  drop = tuple(i for i, a in enumerate(keep) if a not in to)
+  return reduce(x, axis=drop) if drop else x
+
+
 @dataclasses.dataclass
 class Pass:
   """The result of `run_pass` (lists in the taps' order, `Prepared.keys`).

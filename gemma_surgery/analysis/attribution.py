@@ -293,15 +293,18 @@ def _one_pass(model, clean_ids, bad_ids, metric, site, by, chosen, method):
     names += [s for s in ("attn.q", "attn.k", "attn.pattern") if s != site]
   clean_tokens, bad_tokens = named_tokens(clean_ids), named_tokens(bad_ids)
   prepared = gradients.Prepared(model, [(s, chosen) for s in names], clean_tokens)
-  keep = _axes_of(by)
+  # The finest grouping, summed to ``by`` here: every ``by`` of a site shares
+  # one compilation.
+  keep = _axes_of("head_position" if "heads" in sites.site_info(site).axes else by)
   run = atp_pass.run_pass(prepared, metric, keep, clean_tokens, bad_tokens)
   at = {key: i for i, key in enumerate(prepared.keys)}
+  to_by = functools.partial(atp_pass.coarsen, keep=keep, to=_axes_of(by))
   effects = []
   for layer in chosen:
     if fix:
       effects.append(_qk_effect(model, layer, site, by, run, at))
     else:
-      effects.append(run.effects[at[site, layer]])
+      effects.append(to_by(run.effects[at[site, layer]], np.sum))
   return AttributionResult(
     site=site,
     by=by,
@@ -310,7 +313,9 @@ def _one_pass(model, clean_ids, bad_ids, metric, site, by, chosen, method):
     effects=np.stack(effects),
     clean=float(run.clean_values.mean()),
     corrupted=float(run.corrupted_values.mean()),
-    unchanged=~np.stack([run.changed[at[site, layer]] for layer in chosen]),
+    unchanged=~np.stack(
+      [to_by(run.changed[at[site, layer]], np.any) for layer in chosen]
+    ),
   )
 
 
