@@ -154,12 +154,12 @@ def test_atp_star_is_closer_to_exact_on_heads(where, site):
 
 
 def test_atp_star_without_saturation_on_gemma3():
-  """Gemma 3 fixture (QK-norm keeps scores moderate: mean peak attention
-  probability 0.41), attn.k by head: the
-  fix gains nothing here — measured MAE 0.144 (AtP) vs 0.154 (AtP*),
-  Spearman 0.84 vs 0.86 — so this only checks it does no real harm (post-hoc
-  tolerances: MAE within 25%, Spearman within 0.05; both printed). The gain
-  where attention saturates: `test_atp_star_beats_atp_where_attention_saturates`.
+  """Gemma 3 fixture, attn.k by head: QK-norm keeps attention soft (mean peak
+  probability 0.41) and the fix gains nothing — measured MAE 0.144 (AtP) vs
+  0.154 (AtP*), Spearman 0.84 vs 0.86 — so this only checks it does no real
+  harm (post-hoc tolerances: MAE within 25%, Spearman within 0.05; both
+  printed). The gain where attention saturates:
+  `test_atp_star_beats_atp_where_attention_saturates`.
   """
   args = _fixture("gemma3")
   _, _, plain = _compare(*args, "attn.k", "head", "atp")
