@@ -140,8 +140,9 @@ def main() -> None:
   for est, ex in zip(out["atp"], out["exact"], strict=True):
     agree = est.agreement(ex)
     print(
-      f"{est.site} by {est.by}: Spearman {agree['spearman']:.3f}, exact top 5 in"
-      f" AtP top 10: {agree['top_k_recall']:.0%}"
+      f"{est.site} by {est.by}: Spearman {agree['spearman']:.3f} (changed pieces"
+      f" only {agree['spearman_changed']:.3f}), exact top 5 in AtP top 10:"
+      f" {agree['top_k_recall']:.0%}"
     )
     key = f"{est.site}_{est.by}"
     rec.figure(

@@ -17,7 +17,9 @@ bare array take ``named=True`` (see `named` for the axis names).
   batch in one jitted forward and backward (zero-valued taps); metrics
   `log_prob`, `kl_to_clean` beside `logit_difference`.
 * `attribution`: attribution patching (AtP, AtP* with the QK fix in
-  `qk_fix` and GradDrop, integrated gradients), compared with exact sweeps.
+  `qk_fix` and GradDrop, integrated gradients), compared with exact sweeps;
+  AtP and AtP* run as one `atp_pass` (clean forward, corrupted forward and
+  backward).
 * `direct_logit`: direct logit attribution of heads, MLPs and neurons
   through the frozen final norm.
 * `edges`: edge attribution patching (sender → receiver scores, pruning).
@@ -26,6 +28,7 @@ bare array take ``named=True`` (see `named` for the axis names).
 """
 
 from gemma_surgery.analysis import (
+  atp_pass,
   attention,
   attribution,
   direct_logit,
@@ -93,6 +96,7 @@ __all__ = [
   "PatchingResult",
   "SiteGradients",
   "TopNeurons",
+  "atp_pass",
   "attention",
   "attention_patterns",
   "attribution",

@@ -48,7 +48,7 @@ import numpy as np
 from penzai import pz
 
 from gemma_surgery import errors
-from gemma_surgery.analysis import gradients, qk_fix
+from gemma_surgery.analysis import atp_pass, gradients, qk_fix
 from gemma_surgery.analysis.named import LAYER, NamedResult
 from gemma_surgery.analysis.patching import PatchingResult
 from gemma_surgery.generation.inputs import named_tokens
@@ -87,6 +87,10 @@ class AttributionResult(NamedResult):
       estimated ``metric(patched) − metric(corrupted)``.
     clean: Metric of the clean run (mean over the batch).
     corrupted: Metric of the corrupted run (mean over the batch).
+    unchanged: Bool, shaped like ``effects``: the pieces whose clean and
+      corrupted activations are identical (every row), where patching is a
+      no-op and the exact effect is 0 by construction (e.g. positions before
+      the corrupted token). None: not known.
   """
 
   site: str
@@ -96,6 +100,7 @@ class AttributionResult(NamedResult):
   effects: np.ndarray
   clean: float
   corrupted: float
+  unchanged: np.ndarray | None = None
 
   def axes(self) -> dict[str, tuple[str, ...]]:
     """``{"effects": (layer, *by axes)}``."""
@@ -117,10 +122,16 @@ class AttributionResult(NamedResult):
   def agreement(self, exact: PatchingResult, k: int = 5) -> dict[str, float]:
     """How well these estimates rank an exact sweep's pieces.
 
+    Pieces in `unchanged` are no-op patches: their exact effect is 0, and the
+    sweep's float noise there (~1e-6, from batching the patched forwards)
+    is read as 0, so those pieces tie rather than rank at random.
+
     Returns:
-      ``spearman`` (rank correlation of effects), ``top_k_recall`` (share of
-      the exact top ``k`` by |effect| found in the estimate's top ``2k``) and
-      ``mean_abs_error`` of the effects.
+      ``spearman`` (rank correlation of effects, all pieces),
+      ``spearman_changed`` (the same over the pieces not in `unchanged`
+      only), ``top_k_recall`` (share of the exact top ``k`` by |effect|
+      found in the estimate's top ``2k``) and ``mean_abs_error`` of the
+      effects.
 
     Raises:
       InputError: A sweep of another site, grouping or shape.
@@ -134,11 +145,16 @@ class AttributionResult(NamedResult):
         f" {exact.scores.shape}."
       )
     true = (exact.scores - exact.corrupted).reshape(-1)
+    noop = np.zeros(true.shape, bool)
+    if self.unchanged is not None:
+      noop = self.unchanged.reshape(-1)
+      true = np.where(noop, 0.0, true)
     if self.method == "graddrop":  # estimates of |effect|
       true = np.abs(true)
     est = self.effects.reshape(-1)
     return {
       "spearman": spearman(true, est),
+      "spearman_changed": spearman(true[~noop], est[~noop]),
       "top_k_recall": top_k_recall(true, est, k),
       "mean_abs_error": float(np.abs(true - est).mean()),
     }
@@ -229,15 +245,13 @@ def attribution_patching(
   clean_ids, bad_ids = gradients.prompt_pair(model, clean, corrupted, tokenizer)
   if bad_ids is None:
     raise errors.InputError("Attribution patching needs a corrupted prompt.")
+  if method in ("atp", "atp*"):
+    return _one_pass(model, clean_ids, bad_ids, metric, site, by, chosen, method)
   rows = clean_ids.shape[0]
   tokens = named_tokens(np.concatenate([clean_ids, bad_ids]))
-  names = [site]
-  fix = method == "atp*" and site in qk_fix.QK_SITES
-  if fix:
-    names += [s for s in ("attn.q", "attn.k", "attn.pattern") if s != site]
   prepared = gradients.Prepared(
     model,
-    [(s, chosen) for s in names],
+    [(site, chosen)],
     tokens,
     rewrite=_gated if method == "graddrop" else None,
   )
@@ -246,18 +260,16 @@ def attribution_patching(
   got = {
     key: (act, grad) for key, act, grad in zip(prepared.keys, acts, grads, strict=True)
   }
-  effects = []
+  effects, unchanged = [], []
   for layer in chosen:
     act, grad = got[site, layer]
     delta = _split(act, rows, 0) - _split(act, rows, 1)
+    unchanged.append(~to_numpy(atp_pass.changed_keep(delta, _axes_of(by))))
     if method == "ig":
       grad = _integrated(prepared, metric, rows, tokens, (site, layer), delta, steps)
     else:
       grad = _split(grad, rows, 1)
-    if fix:
-      effects.append(_qk_effect(model, layer, site, by, got, rows))
-    else:
-      effects.append(reduce_to(delta * grad, by))
+    effects.append(reduce_to(delta * grad, by))
   if method == "graddrop":
     effects = _grad_drop(prepared, metric, rows, tokens, site, by, chosen, effects)
   return AttributionResult(
@@ -268,6 +280,42 @@ def attribution_patching(
     effects=np.stack(effects),
     clean=float(values[:rows].mean()),
     corrupted=float(values[rows:].mean()),
+    unchanged=np.stack(unchanged),
+  )
+
+
+def _one_pass(model, clean_ids, bad_ids, metric, site, by, chosen, method):
+  """AtP and AtP* from one `atp_pass.run_pass` (a clean forward, a corrupted
+  forward and backward, every site together)."""
+  names = [site]
+  fix = method == "atp*" and site in qk_fix.QK_SITES
+  if fix:
+    names += [s for s in ("attn.q", "attn.k", "attn.pattern") if s != site]
+  clean_tokens, bad_tokens = named_tokens(clean_ids), named_tokens(bad_ids)
+  prepared = gradients.Prepared(model, [(s, chosen) for s in names], clean_tokens)
+  # The finest grouping, summed to ``by`` here: every ``by`` of a site shares
+  # one compilation.
+  keep = _axes_of("head_position" if "heads" in sites.site_info(site).axes else by)
+  run = atp_pass.run_pass(prepared, metric, keep, clean_tokens, bad_tokens)
+  at = {key: i for i, key in enumerate(prepared.keys)}
+  to_by = functools.partial(atp_pass.coarsen, keep=keep, to=_axes_of(by))
+  effects = []
+  for layer in chosen:
+    if fix:
+      effects.append(_qk_effect(model, layer, site, by, run, at))
+    else:
+      effects.append(to_by(run.effects[at[site, layer]], np.sum))
+  return AttributionResult(
+    site=site,
+    by=by,
+    method=method,
+    layers=chosen,
+    effects=np.stack(effects),
+    clean=float(run.clean_values.mean()),
+    corrupted=float(run.corrupted_values.mean()),
+    unchanged=~np.stack(
+      [to_by(run.changed[at[site, layer]], np.any) for layer in chosen]
+    ),
   )
 
 
@@ -306,15 +354,17 @@ def _grad_drop(
   return [t / max(num_layers - 1, 1) for t in total]
 
 
-def _qk_effect(model, layer, site, by, got, rows) -> np.ndarray:
-  parts = {
-    name: (_split(got[name, layer][0], rows, 0), _split(got[name, layer][0], rows, 1))
-    for name in ("attn.q", "attn.k")
-  }
-  pattern = _split(got["attn.pattern", layer][0], rows, 1)
-  grad = _split(got["attn.pattern", layer][1], rows, 1)
+def _qk_effect(model, layer, site, by, run: atp_pass.Pass, at) -> np.ndarray:
+  q, k, p = (at[name, layer] for name in ("attn.q", "attn.k", "attn.pattern"))
   return qk_fix.pattern_effects(
-    model, layer, site, by, parts["attn.q"], parts["attn.k"], pattern, grad
+    model,
+    layer,
+    site,
+    by,
+    (run.clean[q], run.corrupted[q]),
+    (run.clean[k], run.corrupted[k]),
+    run.corrupted[p],
+    run.grads[p],
   )
 
 

@@ -140,11 +140,21 @@ def apply_metric(metric: Metric, logits: pz.nx.NamedArray, clean_rows: int) -> A
   Rows ``0..clean_rows − 1`` are the clean run; later rows repeat the clean
   prompts' order (row ``i`` compares with clean row ``i mod clean_rows``).
   """
+  data = logits.unwrap("batch", "seq", "vocabulary")
+  return metric_values(metric, logits, data[:clean_rows])
+
+
+def metric_values(metric: Metric, logits: pz.nx.NamedArray, clean: Any) -> Any:
+  """``metric(logits)`` as ``[batch]`` (checked at trace time).
+
+  ``clean`` (``[clean rows, seq, vocabulary]`` logits of the clean run,
+  taken without gradient) is passed to metrics that need a reference;
+  ``logits`` row ``i`` compares with clean row ``i mod clean rows``.
+  """
   batch = logits.named_shape["batch"]
   if getattr(metric, "needs_reference", False):
-    data = logits.unwrap("batch", "seq", "vocabulary")
-    ref = jax.lax.stop_gradient(data[:clean_rows])
-    ref = jnp.tile(ref, (batch // clean_rows, 1, 1))
+    ref = jax.lax.stop_gradient(clean)
+    ref = jnp.tile(ref, (batch // ref.shape[0], 1, 1))
     return _rows(metric(logits, reference=ref), batch)
   return _rows(metric(logits), batch)
 
@@ -231,13 +241,18 @@ class Prepared:
     self._index = [
       next(j for j, v in enumerate(self.variables) if v is t.saved) for t in taps
     ]
+    self._tokens = tokens
+
+  @functools.cached_property
+  def shapes(self) -> list[Any]:
+    """Shapes of the taps' activations (one trace of the model, on demand)."""
 
     def shapes(tokens):
       variables = [v.unfreeze_as_copy() for v in self.state]
       pz.bind_variables(self.unbound, variables)(tokens)
       return [variables[j].value for j in self._index]
 
-    self.shapes = jax.eval_shape(shapes, tokens)
+    return jax.eval_shape(shapes, self._tokens)
 
   def zeros(self, batch: int | None = None) -> list[pz.nx.NamedArray]:
     """Zero deltas (``batch`` overrides the batch size)."""
