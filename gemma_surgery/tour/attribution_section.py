@@ -23,7 +23,8 @@ def attribution_section(ctx: Any) -> None:
     return
   clean, corrupted, metric = ctx.patching_pair
   ctx.report.text(
-    "The same sweeps estimated from one forward and backward pass (AtP:"
+    "The same sweeps estimated from one clean forward and one corrupted"
+    " forward and backward pass (AtP:"
     " (clean − corrupted activation) · gradient of the metric on the corrupted"
     " run), beside the exact sweeps above. Agreement: Spearman rank"
     " correlation, and how many of the exact top 5 are in AtP's top 10."
