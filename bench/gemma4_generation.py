@@ -13,8 +13,9 @@ prompt and 32 new greedy tokens, batch 1 and 8:
 Per setting, interleaved (one call of each per round, medians over rounds
 after a warm-up): ``gs.generate`` (fused KV-cached loop); Penzai's
 ``temperature_sample_pyloop`` on the `kv_caching_lm` conversion with its body
-jitted (conversion not timed); ``transformers`` ``generate`` (greedy, eager
-attention, torch threads as configured). Prints seconds and ratios.
+jitted (a fresh conversion before each run, not timed); ``transformers``
+``generate`` (greedy, eager attention, torch threads as configured). Prints
+seconds, ratios and whether all three give the same tokens.
 
 Run: ``python bench/gemma4_generation.py [--rounds N]``.
 """
@@ -79,15 +80,21 @@ CONFIGS = {
 
 
 def pyloop(model, prompt: np.ndarray):
-  cached = caching.kv_caching_lm(
-    model, cache_len=PROMPT + NEW, batch_axes={"batch": prompt.shape[0]}, pad_id=-1
-  )
-  sampler = pz.select(cached).at(lambda c: c.body).apply(jit_wrapper.Jitted)
+  """Penzai's Python loop: ``(setup, run)``. The converted model carries its
+  KV cache as state, so each run needs a fresh conversion (``setup``, not
+  timed); reusing one would find the cache full and stop after the prefill."""
   named = pz.nx.wrap(jnp.asarray(prompt)).tag("batch", "seq")
+  box = {}
+
+  def setup():
+    cached = caching.kv_caching_lm(
+      model, cache_len=PROMPT + NEW, batch_axes={"batch": prompt.shape[0]}, pad_id=-1
+    )
+    box["sampler"] = pz.select(cached).at(lambda c: c.body).apply(jit_wrapper.Jitted)
 
   def run():
     out = simple_decoding_loop.temperature_sample_pyloop(
-      sampler,
+      box["sampler"],
       prompt=named,
       rng=jax.random.key(0),
       temperature=1e-6,
@@ -95,7 +102,7 @@ def pyloop(model, prompt: np.ndarray):
     )
     return np.asarray(out.unwrap("batch", "seq"))
 
-  return run
+  return setup, run
 
 
 def bench(rec, name: str, rounds: int) -> None:
@@ -106,16 +113,22 @@ def bench(rec, name: str, rounds: int) -> None:
     prompt = np.random.default_rng(batch).integers(3, 32_000, (batch, PROMPT))
     prompt[:, 0] = 2
     prompt = prompt.astype(np.int32)
+    py_setup, py_run = pyloop(model, prompt)
     calls = {
       "fused": lambda p=prompt: gs.generate(model, p, max_new_tokens=NEW).tokens,
-      "pyloop": pyloop(model, prompt),
+      "pyloop": py_run,
       "transformers": lambda p=prompt: g4.torch_greedy(reference, p, NEW),
     }
+    setups = {"pyloop": py_setup}
     times = {k: [] for k in calls}
-    for fn in calls.values():
-      fn()  # warm-up (compiles)
+    outputs = {}
+    for k, fn in calls.items():  # warm-up (compiles)
+      setups.get(k, lambda: None)()
+      outputs[k] = np.asarray(fn())[:, -NEW:]
+    same = all(np.array_equal(outputs["fused"], o) for o in outputs.values())
     for _ in range(rounds):
       for k, fn in calls.items():
+        setups.get(k, lambda: None)()
         start = time.perf_counter()
         fn()
         times[k].append(time.perf_counter() - start)
@@ -124,7 +137,7 @@ def bench(rec, name: str, rounds: int) -> None:
       f"{name} batch {batch}: fused {med['fused']:.3f} s, pyloop"
       f" {med['pyloop']:.3f} s ({med['pyloop'] / med['fused']:.1f}x),"
       f" transformers {med['transformers']:.3f} s"
-      f" ({med['transformers'] / med['fused']:.1f}x)"
+      f" ({med['transformers'] / med['fused']:.1f}x); same tokens {same}"
     )
     key = f"{name}_b{batch}"
     rec.figure(
@@ -139,6 +152,7 @@ def bench(rec, name: str, rounds: int) -> None:
       med["pyloop"] / med["fused"],
       "x",
     )
+    rec.figure(f"{key}_same", f"{name}, batch {batch}: same tokens, all three", same)
     rec.figure(
       f"{key}_transformers",
       f"{name}, batch {batch}: transformers generate / fused",
