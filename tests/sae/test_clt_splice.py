@@ -204,3 +204,36 @@ def test_splice_clt_errors():
   short = dataclasses.replace(clt, info=dataclasses.replace(clt.info, num_layers=3))
   with pytest.raises(SAEError, match="covers 3 layers"):
     splice_clt(model, short)
+
+
+def test_fused_generation_with_a_clamped_clt_equals_the_uncached_model():
+  """A CLT spliced with its error term and a clamp, in the fused KV-cached
+  loop: the greedy tokens equal the argmax of the uncached spliced model run
+  on the whole sequence (teacher forcing), the features captured while
+  decoding equal one forward pass's, and the clamp changes the continuation
+  (so the pending cross-layer state really flows through decoding)."""
+  model, tok = tiny()
+  clt = random_clt(9)
+  edits = {1: feature_edits(clt, clamp={4: 40.0})}
+  spliced, feats = splice_clt(
+    model, clt, use_error_term=True, capture_features=True, edits=edits
+  )
+  prompt = np.array([tok.encode(TEXT)])
+  steps = 8
+  out = gs.generate(spliced, prompt, max_new_tokens=steps)
+  full = np.concatenate([prompt, out.tokens], axis=1)
+  logits, _ = _run(spliced, gs.named_tokens(full))
+  n = prompt.shape[1]
+  np.testing.assert_array_equal(logits[n - 1 : -1].argmax(-1), out.tokens[0])
+  during = {
+    layer: to_numpy(
+      out.captures["sae.features", layer].unwrap("batch", "seq", "latents")
+    )
+    for layer in range(N)
+  }
+  for layer in range(N):  # `_run` above refilled feats with the forward's.
+    forward = to_numpy(feats["sae.features", layer].unwrap("batch", "seq", "latents"))
+    assert during[layer].shape == forward.shape == (1, n + steps, clt.info.width)
+    np.testing.assert_allclose(during[layer], forward, atol=1e-4, rtol=1e-4)
+  plain = gs.greedy_generate(model, prompt, max_new_tokens=steps)
+  assert not np.array_equal(plain, out.tokens), "the clamp should change the tokens"
