@@ -10,6 +10,12 @@ CLT are read by both. circuit-tracer runs in its own virtual environment
       'nnsight<0.8'
   python bench/circuit_tracer_parity.py --ct-python /tmp/ct/bin/python
 
+A third case, ``mid`` (skip it with ``--no-mid``), is the mid-size Gemma 3
+(`configs.MID3`: 8 layers, d_model 512, vocabulary 32 000; random weights)
+with a random transcoder of width 2048 per layer (threshold 2.8: a few
+features per token and layer), both written to a temporary folder in the
+Hugging Face and Gemma Scope 2 layouts and read back by both libraries.
+
 Prompt: BOS + 32 random ordinary tokens + the first 31 again (64 tokens, as
 `circuits.py`). Both graphs use every active feature and the top logits
 (p ≥ 0.95, at most 10). Reported, per dictionary: the transformers logits
@@ -31,12 +37,16 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 import record
+from circuits import random_transcoders
+from configs import MID3
 
 import gemma_surgery as gs
 from gemma_surgery import assets
 from gemma_surgery.host import to_numpy
+from gemma_surgery.loading import save_hf
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -123,6 +133,24 @@ def compare(ours, theirs: dict, layers: int) -> dict:
   return out
 
 
+def mid_case(tmp: pathlib.Path) -> tuple:
+  """``(name, model, dictionary, model dir, transcoder dir, flags, vocab)`` of
+  the mid-size Gemma 3 + random transcoders, written to ``tmp``."""
+  model = gs.build_model(MID3, init_base_rng=jax.random.key(0))
+  model_dir = save_hf(
+    model, tmp / "model", tokenizer_model=assets.tiny_dir() / "tokenizer.model"
+  )
+  d, n = MID3.embedding_dim, MID3.num_layers
+  folder = tmp / "transcoder_all"
+  for tc in random_transcoders(d, n, 2048, threshold=2.8).transcoders:
+    layer = tc.info.layer
+    gs.sae.save_gemma_scope_2(
+      tc, folder / f"layer_{layer}_width_2048_l0_small", l0="small", model_name="mid3"
+    )
+  loaded = gs.load(str(model_dir), dtype="float32").model
+  return ("mid", loaded, gs.sae.load_transcoders(folder), model_dir, folder, [], 32_000)
+
+
 def ours_graph(model, dictionary, tokens):
   times = []
   for _ in range(2):
@@ -137,6 +165,9 @@ def main() -> None:
   parser.add_argument(
     "--ct-python", default=os.environ.get("CIRCUIT_TRACER_PYTHON"), help="its venv"
   )
+  parser.add_argument(
+    "--no-mid", action="store_true", help="skip the mid-size Gemma 3 case"
+  )
   record.add_arguments(parser)
   args = parser.parse_args()
   rec = record.Recorder.from_args("circuit_tracer", args)
@@ -146,23 +177,42 @@ def main() -> None:
     rec.save()
     return
   lm = gs.load("tiny")
-  tokens = prompt(0, 4096)
-  ids = [int(i) for i in to_numpy(tokens.unwrap("batch", "seq"))[0]]
-  logits = to_numpy(lm.model(tokens).unwrap("batch", "seq", "vocabulary"), np.float64)
   tiny = assets.tiny_dir()
   cases = [
-    ("transcoders", gs.sae.load_transcoders("tiny"), assets.tiny_transcoders_dir(), []),
-    ("clt", gs.sae.load_clt("tiny"), assets.tiny_clt_dir(), ["--clt"]),
+    (
+      "transcoders",
+      lm.model,
+      gs.sae.load_transcoders("tiny"),
+      tiny,
+      assets.tiny_transcoders_dir(),
+      [],
+      4096,
+    ),
+    (
+      "clt",
+      lm.model,
+      gs.sae.load_clt("tiny"),
+      tiny,
+      assets.tiny_clt_dir(),
+      ["--clt"],
+      4096,
+    ),
   ]
-  for name, dictionary, folder, flag in cases:
+  scratch = tempfile.TemporaryDirectory()
+  if not args.no_mid:
+    cases.append(mid_case(pathlib.Path(scratch.name)))
+  for name, model, dictionary, model_dir, folder, flag, vocab in cases:
+    tokens = prompt(0, vocab)
+    ids = [int(i) for i in to_numpy(tokens.unwrap("batch", "seq"))[0]]
+    logits = to_numpy(model(tokens).unwrap("batch", "seq", "vocabulary"), np.float64)
     with tempfile.TemporaryDirectory() as tmp:
       out = pathlib.Path(tmp) / "graph.npz"
       command = [args.ct_python, str(HERE / "circuit_tracer_worker.py")]
-      command += ["--model", str(tiny), "--transcoders", str(folder), *flag]
+      command += ["--model", str(model_dir), "--transcoders", str(folder), *flag]
       command += ["--tokens", json.dumps(ids), "--out", str(out)]
       subprocess.run(command, check=True)
       theirs = dict(np.load(out))
-    graph, ours_t = ours_graph(lm.model, dictionary, tokens)
+    graph, ours_t = ours_graph(model, dictionary, tokens)
     result = compare(graph, theirs, dictionary.num_layers)
     hf_diff = float(np.abs(theirs["hf_logits"] - logits[0]).max())
     print(f"{name}: {result}; transformers vs ours logits max |diff| {hf_diff:.2e}")
@@ -205,6 +255,7 @@ def main() -> None:
     for who, seconds in (("ours", ours_t), ("ct", list(theirs["seconds"]))):
       rec.figure(f"{name}_{who}_first", f"{name}: {who} graph, first", seconds[0], "s")
       rec.figure(f"{name}_{who}_again", f"{name}: {who} graph, again", seconds[1], "s")
+  scratch.cleanup()
   rec.save()
   sys.stdout.flush()
 

@@ -47,7 +47,9 @@ def timed(model, dictionary, tokens, cap=None) -> tuple[float, float, int]:
   return mid - start, end - mid, graph.n_features
 
 
-def random_transcoders(d: int, n: int, width: int, seed: int = 0) -> TranscoderSet:
+def random_transcoders(
+  d: int, n: int, width: int, seed: int = 0, threshold: float = 2.2
+) -> TranscoderSet:
   rng = np.random.default_rng(seed)
   tcs = []
   for i in range(n):
@@ -56,7 +58,7 @@ def random_transcoders(d: int, n: int, width: int, seed: int = 0) -> TranscoderS
       b_enc=np.zeros(width, np.float32),
       w_dec=(rng.normal(size=(width, d)) / np.sqrt(width)).astype(np.float32),
       b_dec=np.zeros(d, np.float32),
-      threshold=np.full(width, 2.2, np.float32),
+      threshold=np.full(width, threshold, np.float32),
     )
     info = SAEInfo("transcoder", i, "mlp.in", d, width, "mlp.out", d, source=f"r{i}")
     tcs.append(Transcoder.from_arrays(arrays, info))
