@@ -10,10 +10,12 @@ Run: ``python bench/load_tiny.py``.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import numpy as np
+import record
 from penzai import pz
 
 import gemma_surgery as gs
@@ -26,6 +28,9 @@ def seconds(fn) -> tuple[float, object]:
 
 
 def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  record.add_arguments(parser)
+  rec = record.Recorder.from_args("load_tiny", parser.parse_args())
   first, lm = seconds(lambda: gs.load("tiny", progress=False))
   later = statistics.median(
     seconds(lambda: gs.load("tiny", progress=False))[0] for _ in range(5)
@@ -38,6 +43,13 @@ def main() -> None:
   print(f'gs.load("tiny")            first {first:6.3f} s   later {later:6.3f} s')
   print(f'gs.sae.load_sae("tiny")    first {sae_first:6.3f} s')
   print(f"first jitted forward 8x64  {compile_s:6.3f} s (trace + compile + run)")
+  rec.figure("load_first", '`gs.load("tiny")`, first', first, "s")
+  rec.figure("load_later", '`gs.load("tiny")`, later (median of 5)', later, "s")
+  rec.figure("sae_first", '`gs.sae.load_sae("tiny")`, first', sae_first, "s")
+  rec.figure(
+    "forward_first", "first jitted forward 8×64 (trace + compile + run)", compile_s, "s"
+  )
+  rec.save()
 
 
 if __name__ == "__main__":

@@ -76,6 +76,10 @@ BENCHMARKS = {
     ["gemma4_generation.py"],
     ["gemma4_generation.py", "--rounds", "1"],
   ),
+  "load_and_compile": (["load_and_compile.py"], ["load_and_compile.py"]),
+  "load_tiny": (["load_tiny.py"], ["load_tiny.py"]),
+  # Fresh processes with a cold, then a warm, compilation cache; the tour too.
+  "first_minute": (["first_minute.py"], ["first_minute.py", "--no-tour"]),
   # Needs CIRCUIT_TRACER_PYTHON (a circuit-tracer venv); otherwise records "not run".
   "circuit_tracer": (["circuit_tracer_parity.py"], ["circuit_tracer_parity.py"]),
 }
