@@ -1,0 +1,171 @@
+"""Attribution-graph rows on the device: the inner loop of `graph`.
+
+    sources = graph_sources(rep, features, acts, dtype)
+    g_embed, g_mlp = feature_grads(spec, arrays, written, depth, layer, pos, enc)
+    rows = edge_rows(g_embed, g_mlp, sources)      # [T, n_feat_pad + L·seq + seq]
+
+A batch of ``T`` targets is one vmapped ``jax.vjp`` of the replacement
+(`linear.apply_reads`) at the prompt, inside a jit whose arguments are the
+replacement's arrays (weights, recorded patterns and norm scales, what each
+``mlp.out`` writes): prompts of one length share its compile. Cotangents
+are built on the device: a feature target ``(layer, pos, latent)`` puts its
+encoder column at ``mlp.in[layer, pos]`` (`feature_grads`, which runs the
+backward only through the ``depth`` layers the batch's targets read, and
+never through the unembedding); a logit target puts ``one_hot(v) − 1/vocab``
+on the last logits (`logit_grads`). `edge_rows` turns the gradients at the
+embedding and at every ``mlp.out`` into edges from token, error and feature
+nodes, so only ``[T, N]`` rows leave the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_surgery.circuits.linear import ReadsSpec, apply_reads
+from gemma_surgery.circuits.replacement import Replacement
+from gemma_surgery.host import to_numpy
+
+_CHUNK = 512
+"""Decoder rows per step of `edge_rows`' feature-edge products."""
+
+
+class Sources(NamedTuple):
+  """Source-node values, on the device.
+
+  Attributes:
+    embed: ``[seq, d]`` scaled token embeddings (token nodes).
+    errors: ``[L, seq, d]`` error vectors (error nodes).
+    dec: ``[E, d]`` one row per (feature, layer it writes): activation ×
+      decoder row (zero rows pad ``E``).
+    site: ``[E]`` where each row is written: ``layer · seq + pos``.
+    node: ``[E]`` its feature's index (``n_feat_pad`` for padding rows).
+    slots: ``[n_feat_pad]`` zeros: the padded feature axis (its length
+      rounds the feature count up, so nearby counts share a compile).
+  """
+
+  embed: jax.Array
+  errors: jax.Array
+  dec: jax.Array
+  site: jax.Array
+  node: jax.Array
+  slots: jax.Array
+
+
+def padded(n: int, least: int = 64) -> int:
+  """``n`` rounded up to a power of two (at least ``least``)."""
+  return max(least, 1 << max(0, n - 1).bit_length())
+
+
+def graph_sources(
+  rep: Replacement, features: np.ndarray, acts: np.ndarray, dtype: Any
+) -> Sources:
+  """`Sources` of the graph's ``[n, 3]`` (layer, pos, latent) features."""
+  dictionary = rep.dictionary
+  n, n_pos, d = rep.errors.shape
+  np_dtype = np.dtype(jnp.dtype(dtype).name)
+  decs, sites, nodes = [], [], []
+  for layer in range(n):
+    rows = np.flatnonzero(features[:, 0] == layer)
+    if not len(rows):
+      continue
+    for target in range(layer, n):
+      dec = dictionary.decoder(layer, target)
+      if dec is None:
+        continue
+      w = to_numpy(dec.unwrap("latents", "embedding"), np.float32).astype(np_dtype)
+      decs.append(w[features[rows, 2]] * acts[rows, None].astype(np_dtype))
+      sites.append(target * n_pos + features[rows, 1])
+      nodes.append(rows)
+  n_feat = padded(len(features))
+  e = sum(len(r) for r in nodes)
+  pad = padded(e) - e
+  dec = np.concatenate([*decs, np.zeros((pad, d), np_dtype)])
+  site = np.concatenate([*sites, np.zeros(pad, np.int64)]).astype(np.int32)
+  node = np.concatenate([*nodes, np.full(pad, n_feat)]).astype(np.int32)
+  return Sources(
+    embed=jnp.asarray(rep.embed, dtype),
+    errors=jnp.asarray(rep.errors, dtype),
+    dec=jnp.asarray(dec),
+    site=jnp.asarray(site),
+    node=jnp.asarray(node),
+    slots=jnp.zeros(n_feat, dtype),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "depth"))
+def feature_grads(
+  spec: ReadsSpec,
+  arrays: Any,
+  written: jax.Array,
+  depth: int,
+  layer: jax.Array,
+  pos: jax.Array,
+  enc: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Gradients of ``T`` feature targets ``enc[t] · mlp.in[layer[t], pos[t]]``.
+
+  Args:
+    spec, arrays: From ``frozen_reads(rep, [("mlp.in", i) for i in range(L)])``.
+    written: ``[L, seq, d]`` what each ``mlp.out`` writes (the primal point).
+    depth: Static: every ``layer[t] < depth`` (the backward starts there).
+    layer, pos: ``[T]`` int target sites. enc: ``[T, d]`` encoder columns
+      (zero rows pad a batch).
+
+  Returns:
+    ``[T, seq, d]`` at the embedding and ``[T, L, seq, d]`` at ``mlp.out``.
+  """
+
+  def reads(e: jax.Array, v: jax.Array) -> jax.Array:
+    values, _ = apply_reads(spec, arrays, e, v)
+    return jnp.stack([x.unwrap("seq", "embedding") for x in values[:depth]])
+
+  zeros = jnp.zeros(written.shape[1:], written.dtype)
+  _, vjp = jax.vjp(reads, zeros, written)
+  t = enc.shape[0]
+  ct = jnp.zeros((t, depth, *written.shape[1:]), enc.dtype)
+  ct = ct.at[jnp.arange(t), layer, pos].set(enc)
+  return jax.vmap(vjp)(ct)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def logit_grads(
+  spec: ReadsSpec, arrays: Any, written: jax.Array, ids: jax.Array, live: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Gradients of ``T`` logit targets ``logit[ids[t]] − mean(logits)`` (last
+  position; ``live[t]`` is 0 for padding), shaped as `feature_grads`'."""
+
+  def reads(e: jax.Array, v: jax.Array) -> jax.Array:
+    return apply_reads(spec, arrays, e, v)[1]
+
+  zeros = jnp.zeros(written.shape[1:], written.dtype)
+  last, vjp = jax.vjp(reads, zeros, written)
+  vocab = last.shape[-1]
+  ct = jax.nn.one_hot(ids, vocab, dtype=last.dtype) - 1.0 / vocab
+  return jax.vmap(vjp)(ct * live[:, None].astype(last.dtype))
+
+
+@jax.jit
+def edge_rows(g_embed: jax.Array, g_mlp: jax.Array, sources: Sources) -> jax.Array:
+  """``[T, n_feat_pad + L·seq + seq]`` edges into ``T`` targets from the
+  (padded) feature, error and token nodes, given the targets' gradients."""
+  t = g_embed.shape[0]
+  tok = jnp.einsum("tpd,pd->tp", g_embed, sources.embed)
+  err = jnp.einsum("tkpd,kpd->tkp", g_mlp, sources.errors).reshape(t, -1)
+  flat = g_mlp.reshape(t, -1, g_mlp.shape[-1])
+  e, d = sources.dec.shape
+  c = min(_CHUNK, e)  # Both powers of two; chunks bound the [T, c, d] gather.
+
+  def chunk(part: tuple[jax.Array, jax.Array]) -> jax.Array:
+    site, dec = part
+    return jnp.einsum("ted,ed->te", flat[:, site], dec)
+
+  parts = (sources.site.reshape(-1, c), sources.dec.reshape(-1, c, d))
+  per_row = jax.lax.map(chunk, parts).transpose(1, 0, 2).reshape(t, e)
+  n_feat = sources.slots.shape[0]
+  feat = jnp.zeros((t, n_feat + 1), per_row.dtype).at[:, sources.node].add(per_row)
+  return jnp.concatenate([feat[:, :n_feat], err, tok], axis=1)
