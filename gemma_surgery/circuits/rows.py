@@ -30,7 +30,7 @@ from gemma_surgery.circuits.linear import ReadsSpec, apply_reads
 from gemma_surgery.circuits.replacement import Replacement
 from gemma_surgery.host import to_numpy
 
-_CHUNK = 512
+CHUNK = 512
 """Decoder rows per step of `edge_rows`' feature-edge products."""
 
 
@@ -149,16 +149,19 @@ def logit_grads(
   return jax.vmap(vjp)(ct * live[:, None].astype(last.dtype))
 
 
-@jax.jit
-def edge_rows(g_embed: jax.Array, g_mlp: jax.Array, sources: Sources) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def edge_rows(
+  g_embed: jax.Array, g_mlp: jax.Array, sources: Sources, chunk: int = CHUNK
+) -> jax.Array:
   """``[T, n_feat_pad + L·seq + seq]`` edges into ``T`` targets from the
-  (padded) feature, error and token nodes, given the targets' gradients."""
+  (padded) feature, error and token nodes, given the targets' gradients
+  (feature edges ``chunk`` decoder rows at a time: a power of two)."""
   t = g_embed.shape[0]
   tok = jnp.einsum("tpd,pd->tp", g_embed, sources.embed)
   err = jnp.einsum("tkpd,kpd->tkp", g_mlp, sources.errors).reshape(t, -1)
   flat = g_mlp.reshape(t, -1, g_mlp.shape[-1])
   e, d = sources.dec.shape
-  c = min(_CHUNK, e)  # Both powers of two; chunks bound the [T, c, d] gather.
+  c = min(chunk, e)  # Both powers of two; chunks bound the [T, c, d] gather.
 
   def chunk(part: tuple[jax.Array, jax.Array]) -> jax.Array:
     site, dec = part
