@@ -19,9 +19,12 @@ error node its error vector, a token its scaled embedding, so::
 
   A[t, s] = Σ_k ⟨source_s at mlp.out[k] (or embed), ∂target_t/∂(that site)⟩
 
-computed with one vmapped ``jax.vjp`` per batch of targets. Each target's
-pre-activation equals the sum of its row plus the bias terms (decoder
-biases, its encoder bias): the graph is complete.
+computed with one vmapped ``jax.vjp`` per batch of targets, on the device
+(`rows`: compiled once per prompt length; feature targets skip the
+unembedding and stop at their batch's deepest layer; only the ``[T, N]``
+rows come back). Each target's pre-activation equals the sum of its row
+plus the bias terms (decoder biases, its encoder bias): the graph is
+complete.
 """
 
 from __future__ import annotations
@@ -214,7 +217,8 @@ def attribute(
     max_n_logits: At most this many logit nodes.
     desired_logit_prob: Take logits until their probability sums to this.
     max_feature_nodes: Keep only this many features (largest activations).
-    batch_size: Targets per vmapped backward pass.
+    batch_size: Targets per vmapped backward pass (lowered so that a batch's
+      ``[T, L, seq, d]`` gradients stay under 512 MiB).
     prompt: Stored in the graph (for export).
     progress: tqdm bar over target batches.
 
@@ -270,8 +274,8 @@ def attribute_replacement(
   per_target = n * n_pos * d * np_dtype.itemsize  # Its [L, seq, d] gradient.
   batch = max(1, min(batch_size, _GRAD_BYTES // per_target))
 
-  def store(targets: np.ndarray, grads: tuple) -> None:
-    got = np.asarray(edge_rows(*grads, sources))[: len(targets)]
+  def store(targets: np.ndarray, grads: tuple, depth: int) -> None:
+    got = np.asarray(edge_rows(*grads, sources, np.int32(depth)))[: len(targets)]
     adjacency[targets, :n_f] = got[:, :n_f]
     adjacency[targets, n_f : n_f + (n + 1) * n_pos] = got[:, -(n + 1) * n_pos :]
 
@@ -283,14 +287,14 @@ def attribute_replacement(
     enc = np.pad(enc_cols[which], ((0, pad), (0, 0)))
     depth = int(features[which, 0].max()) + 1
     grads = feature_grads(spec, arrays, written, depth, layer, pos, enc)
-    store(which, grads)
+    store(which, grads, depth)
   n_logit = min(batch, max_n_logits)
   for start in range(0, len(logit_ids), n_logit):
     ids = logit_ids[start : start + n_logit]
     live = np.arange(n_logit) < len(ids)
     ids = np.pad(ids, (0, n_logit - len(ids))).astype(np.int32)
     grads = logit_grads(spec, arrays, written, ids, live)
-    store(n_f + n * n_pos + n_pos + start + np.arange(live.sum()), grads)
+    store(n_f + n * n_pos + n_pos + start + np.arange(live.sum()), grads, n)
   return Graph(
     tokens=np.asarray(rep.tokens.unwrap("batch", "seq")[0]).astype(np.int64),
     features=features,

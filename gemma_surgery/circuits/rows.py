@@ -2,7 +2,7 @@
 
     sources = graph_sources(rep, features, acts, dtype)
     g_embed, g_mlp = feature_grads(spec, arrays, written, depth, layer, pos, enc)
-    rows = edge_rows(g_embed, g_mlp, sources)      # [T, n_feat_pad + L·seq + seq]
+    rows = edge_rows(g_embed, g_mlp, sources, depth)  # [T, n_feat_pad + (L+1)·seq]
 
 A batch of ``T`` targets is one vmapped ``jax.vjp`` of the replacement
 (`linear.apply_reads`) at the prompt, inside a jit whose arguments are the
@@ -42,7 +42,8 @@ class Sources(NamedTuple):
     errors: ``[L, seq, d]`` error vectors (error nodes).
     dec: ``[E, d]`` one row per (feature, layer it writes): activation ×
       decoder row (zero rows pad ``E``).
-    site: ``[E]`` where each row is written: ``layer · seq + pos``.
+    site: ``[E]`` where each row is written: ``layer · seq + pos``
+      (ascending).
     node: ``[E]`` its feature's index (``n_feat_pad`` for padding rows).
     slots: ``[n_feat_pad]`` zeros: the padded feature axis (its length
       rounds the feature count up, so nearby counts share a compile).
@@ -83,10 +84,12 @@ def graph_sources(
       nodes.append(rows)
   n_feat = padded(len(features))
   e = sum(len(r) for r in nodes)
-  pad = padded(e) - e
-  dec = np.concatenate([*decs, np.zeros((pad, d), np_dtype)])
-  site = np.concatenate([*sites, np.zeros(pad, np.int64)]).astype(np.int32)
-  node = np.concatenate([*nodes, np.full(pad, n_feat)]).astype(np.int32)
+  pad = padded(e) - e  # Padding rows: zero, at the last site, to no feature.
+  site = np.concatenate([*sites, np.full(pad, n * n_pos - 1)])
+  order = np.argsort(site, kind="stable")  # By site: depth cuts a prefix.
+  dec = np.concatenate([*decs, np.zeros((pad, d), np_dtype)])[order]
+  node = np.concatenate([*nodes, np.full(pad, n_feat)])[order].astype(np.int32)
+  site = site[order].astype(np.int32)
   return Sources(
     embed=jnp.asarray(rep.embed, dtype),
     errors=jnp.asarray(rep.errors, dtype),
@@ -151,24 +154,34 @@ def logit_grads(
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def edge_rows(
-  g_embed: jax.Array, g_mlp: jax.Array, sources: Sources, chunk: int = CHUNK
+  g_embed: jax.Array,
+  g_mlp: jax.Array,
+  sources: Sources,
+  depth: jax.Array,
+  chunk: int = CHUNK,
 ) -> jax.Array:
   """``[T, n_feat_pad + L·seq + seq]`` edges into ``T`` targets from the
-  (padded) feature, error and token nodes, given the targets' gradients
-  (feature edges ``chunk`` decoder rows at a time: a power of two)."""
-  t = g_embed.shape[0]
+  (padded) feature, error and token nodes, given the targets' gradients.
+
+  Feature edges are summed ``chunk`` decoder rows at a time (a power of
+  two), over the rows written below layer ``depth`` only (``g_mlp`` is zero
+  from there on; ``L`` takes all).
+  """
+  t, _, n_pos, d = g_mlp.shape
   tok = jnp.einsum("tpd,pd->tp", g_embed, sources.embed)
   err = jnp.einsum("tkpd,kpd->tkp", g_mlp, sources.errors).reshape(t, -1)
-  flat = g_mlp.reshape(t, -1, g_mlp.shape[-1])
-  e, d = sources.dec.shape
-  c = min(chunk, e)  # Both powers of two; chunks bound the [T, c, d] gather.
-
-  def chunk(part: tuple[jax.Array, jax.Array]) -> jax.Array:
-    site, dec = part
-    return jnp.einsum("ted,ed->te", flat[:, site], dec)
-
-  parts = (sources.site.reshape(-1, c), sources.dec.reshape(-1, c, d))
-  per_row = jax.lax.map(chunk, parts).transpose(1, 0, 2).reshape(t, e)
+  flat = g_mlp.reshape(t, -1, d)
+  c = min(chunk, sources.dec.shape[0])  # Chunks bound the [T, c, d] gather.
+  below = jnp.searchsorted(sources.site, depth * n_pos)
   n_feat = sources.slots.shape[0]
-  feat = jnp.zeros((t, n_feat + 1), per_row.dtype).at[:, sources.node].add(per_row)
+
+  def add_chunk(i: jax.Array, feat: jax.Array) -> jax.Array:
+    site, dec, node = (
+      jax.lax.dynamic_slice_in_dim(x, i * c, c)
+      for x in (sources.site, sources.dec, sources.node)
+    )
+    return feat.at[:, node].add(jnp.einsum("ted,ed->te", flat[:, site], dec))
+
+  feat = jnp.zeros((t, n_feat + 1), flat.dtype)
+  feat = jax.lax.fori_loop(0, (below + c - 1) // c, add_chunk, feat)
   return jnp.concatenate([feat[:, :n_feat], err, tok], axis=1)

@@ -47,24 +47,38 @@ def test_chunked_feature_edges_equal_numpy():
   g_embed = rng.normal(size=(t, n_pos, d)).astype(np.float32)
   g_mlp = rng.normal(size=(t, n, n_pos, d)).astype(np.float32)
   dec = rng.normal(size=(e, d)).astype(np.float32)
-  site = rng.integers(0, n * n_pos, e)
+  # Sorted sites: the first 8 rows are written at layer 0, the rest at 1.
+  site = np.sort(np.r_[rng.integers(0, n_pos, 8), rng.integers(n_pos, 2 * n_pos, 8)])
   node = rng.integers(0, n_feat + 1, e)  # n_feat: padding rows, dropped.
-  sources = Sources(
-    embed=jnp.asarray(rng.normal(size=(n_pos, d)), jnp.float32),
-    errors=jnp.asarray(rng.normal(size=(n, n_pos, d)), jnp.float32),
-    dec=jnp.asarray(dec),
-    site=jnp.asarray(site, jnp.int32),
-    node=jnp.asarray(node, jnp.int32),
-    slots=jnp.zeros(n_feat),
-  )
-  want = np.zeros((t, n_feat + 1))
-  flat = g_mlp.reshape(t, n * n_pos, d)
-  for j in range(e):
-    want[:, node[j]] += flat[:, site[j]] @ dec[j]
-  want_err = np.einsum("tkpd,kpd->tkp", g_mlp, sources.errors).reshape(t, -1)
-  want_tok = np.einsum("tpd,pd->tp", g_embed, sources.embed)
+  embed = rng.normal(size=(n_pos, d)).astype(np.float32)
+  errs = rng.normal(size=(n, n_pos, d)).astype(np.float32)
+
+  def sources(dec):
+    return Sources(
+      embed=jnp.asarray(embed),
+      errors=jnp.asarray(errs),
+      dec=jnp.asarray(dec),
+      site=jnp.asarray(site, jnp.int32),
+      node=jnp.asarray(node, jnp.int32),
+      slots=jnp.zeros(n_feat),
+    )
+
+  def want(rows):
+    out = np.zeros((t, n_feat + 1))
+    flat = g_mlp.reshape(t, n * n_pos, d)
+    for j in rows:
+      out[:, node[j]] += flat[:, site[j]] @ dec[j]
+    return out[:, :n_feat]
+
+  want_err = np.einsum("tkpd,kpd->tkp", g_mlp, errs).reshape(t, -1)
+  want_tok = np.einsum("tpd,pd->tp", g_embed, embed)
+  close = dict(rtol=1e-5, atol=1e-5)
   for chunk in (4, 16):
-    got = np.asarray(edge_rows(g_embed, g_mlp, sources, chunk=chunk))
-    np.testing.assert_allclose(got[:, :n_feat], want[:, :n_feat], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got[:, n_feat:-n_pos], want_err, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got[:, -n_pos:], want_tok, rtol=1e-5, atol=1e-5)
+    got = np.asarray(edge_rows(g_embed, g_mlp, sources(dec), np.int32(n), chunk=chunk))
+    np.testing.assert_allclose(got[:, :n_feat], want(range(e)), **close)
+    np.testing.assert_allclose(got[:, n_feat:-n_pos], want_err, **close)
+    np.testing.assert_allclose(got[:, -n_pos:], want_tok, **close)
+  # depth=1: rows written at layer 1 are never read (NaN there stays out).
+  poisoned = np.where((site >= n_pos)[:, None], np.nan, dec)
+  got = edge_rows(g_embed, g_mlp, sources(poisoned), np.int32(1), chunk=4)
+  np.testing.assert_allclose(np.asarray(got)[:, :n_feat], want(range(8)), **close)
