@@ -274,8 +274,9 @@ def attribute_replacement(
   per_target = n * n_pos * d * np_dtype.itemsize  # Its [L, seq, d] gradient.
   batch = max(1, min(batch_size, _GRAD_BYTES // per_target))
 
-  def store(targets: np.ndarray, grads: tuple, depth: int) -> None:
-    got = np.asarray(edge_rows(*grads, sources, np.int32(depth)))[: len(targets)]
+  def store(targets: np.ndarray, grads: tuple, depth: int, last: int) -> None:
+    got = edge_rows(*grads, sources, np.int32(depth), np.int32(last))
+    got = np.asarray(got)[: len(targets)]
     adjacency[targets, :n_f] = got[:, :n_f]
     adjacency[targets, n_f : n_f + (n + 1) * n_pos] = got[:, -(n + 1) * n_pos :]
 
@@ -287,14 +288,14 @@ def attribute_replacement(
     enc = np.pad(enc_cols[which], ((0, pad), (0, 0)))
     depth = int(features[which, 0].max()) + 1
     grads = feature_grads(spec, arrays, written, depth, layer, pos, enc)
-    store(which, grads, depth)
+    store(which, grads, depth, features[which, 1].max())
   n_logit = min(batch, max_n_logits)
   for start in range(0, len(logit_ids), n_logit):
     ids = logit_ids[start : start + n_logit]
     live = np.arange(n_logit) < len(ids)
     ids = np.pad(ids, (0, n_logit - len(ids))).astype(np.int32)
     grads = logit_grads(spec, arrays, written, ids, live)
-    store(n_f + n * n_pos + n_pos + start + np.arange(live.sum()), grads, n)
+    store(n_f + n * n_pos + n_pos + start + np.arange(live.sum()), grads, n, n_pos - 1)
   return Graph(
     tokens=np.asarray(rep.tokens.unwrap("batch", "seq")[0]).astype(np.int64),
     features=features,

@@ -2,7 +2,7 @@
 
     sources = graph_sources(rep, features, acts, dtype)
     g_embed, g_mlp = feature_grads(spec, arrays, written, depth, layer, pos, enc)
-    rows = edge_rows(g_embed, g_mlp, sources, depth)  # [T, n_feat_pad + (L+1)·seq]
+    rows = edge_rows(g_embed, g_mlp, sources, depth, last_pos)  # [T, N_pad]
 
 A batch of ``T`` targets is one vmapped ``jax.vjp`` of the replacement
 (`linear.apply_reads`) at the prompt, inside a jit whose arguments are the
@@ -30,7 +30,7 @@ from gemma_surgery.circuits.linear import ReadsSpec, apply_reads
 from gemma_surgery.circuits.replacement import Replacement
 from gemma_surgery.host import to_numpy
 
-CHUNK = 512
+CHUNK = 128
 """Decoder rows per step of `edge_rows`' feature-edge products."""
 
 
@@ -158,30 +158,44 @@ def edge_rows(
   g_mlp: jax.Array,
   sources: Sources,
   depth: jax.Array,
+  last_pos: jax.Array,
   chunk: int = CHUNK,
 ) -> jax.Array:
   """``[T, n_feat_pad + L·seq + seq]`` edges into ``T`` targets from the
   (padded) feature, error and token nodes, given the targets' gradients.
 
-  Feature edges are summed ``chunk`` decoder rows at a time (a power of
-  two), over the rows written below layer ``depth`` only (``g_mlp`` is zero
-  from there on; ``L`` takes all).
+  Feature edges are summed ``chunk`` decoder rows at a time, over the rows
+  written below layer ``depth`` at positions up to ``last_pos`` only (the
+  targets' gradients are zero elsewhere: they read no deeper layer and, the
+  model being causal, no later position).
   """
-  t, _, n_pos, d = g_mlp.shape
+  t, n, n_pos, d = g_mlp.shape
   tok = jnp.einsum("tpd,pd->tp", g_embed, sources.embed)
   err = jnp.einsum("tkpd,kpd->tkp", g_mlp, sources.errors).reshape(t, -1)
   flat = g_mlp.reshape(t, -1, d)
-  c = min(chunk, sources.dec.shape[0])  # Chunks bound the [T, c, d] gather.
-  below = jnp.searchsorted(sources.site, depth * n_pos)
+  e = sources.dec.shape[0]
+  c = min(chunk, e)  # Chunks bound the [T, c, d] gather.
+  first = jnp.arange(n) * n_pos  # Each layer's rows: sites first..first+last_pos.
+  lo = jnp.searchsorted(sources.site, first)
+  hi = jnp.searchsorted(sources.site, first + last_pos + 1)
+  hi = jnp.where(jnp.arange(n) < depth, hi, lo)
   n_feat = sources.slots.shape[0]
 
-  def add_chunk(i: jax.Array, feat: jax.Array) -> jax.Array:
-    site, dec, node = (
-      jax.lax.dynamic_slice_in_dim(x, i * c, c)
-      for x in (sources.site, sources.dec, sources.node)
-    )
-    return feat.at[:, node].add(jnp.einsum("ted,ed->te", flat[:, site], dec))
+  def add_layer(k: jax.Array, feat: jax.Array) -> jax.Array:
+    def add_chunk(i: jax.Array, feat: jax.Array) -> jax.Array:
+      begin = lo[k] + i * c
+      start = jnp.minimum(begin, e - c)  # Where dynamic_slice reads from.
+      site, dec, node = (
+        jax.lax.dynamic_slice_in_dim(x, start, c)
+        for x in (sources.site, sources.dec, sources.node)
+      )
+      row = start + jnp.arange(c)
+      keep = (row >= begin) & (row < hi[k])
+      vals = jnp.einsum("ted,ed->te", flat[:, site], dec)
+      vals = jnp.where(keep[None], vals, 0)
+      return feat.at[:, jnp.where(keep, node, n_feat)].add(vals)
 
-  feat = jnp.zeros((t, n_feat + 1), flat.dtype)
-  feat = jax.lax.fori_loop(0, (below + c - 1) // c, add_chunk, feat)
+    return jax.lax.fori_loop(0, (hi[k] - lo[k] + c - 1) // c, add_chunk, feat)
+
+  feat = jax.lax.fori_loop(0, n, add_layer, jnp.zeros((t, n_feat + 1), flat.dtype))
   return jnp.concatenate([feat[:, :n_feat], err, tok], axis=1)

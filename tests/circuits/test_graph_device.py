@@ -74,11 +74,18 @@ def test_chunked_feature_edges_equal_numpy():
   want_tok = np.einsum("tpd,pd->tp", g_embed, embed)
   close = dict(rtol=1e-5, atol=1e-5)
   for chunk in (4, 16):
-    got = np.asarray(edge_rows(g_embed, g_mlp, sources(dec), np.int32(n), chunk=chunk))
+    got = edge_rows(g_embed, g_mlp, sources(dec), n, n_pos - 1, chunk=chunk)
+    got = np.asarray(got)
     np.testing.assert_allclose(got[:, :n_feat], want(range(e)), **close)
     np.testing.assert_allclose(got[:, n_feat:-n_pos], want_err, **close)
     np.testing.assert_allclose(got[:, -n_pos:], want_tok, **close)
-  # depth=1: rows written at layer 1 are never read (NaN there stays out).
-  poisoned = np.where((site >= n_pos)[:, None], np.nan, dec)
-  got = edge_rows(g_embed, g_mlp, sources(poisoned), np.int32(1), chunk=4)
-  np.testing.assert_allclose(np.asarray(got)[:, :n_feat], want(range(8)), **close)
+  # Rows written at layer >= depth or after last_pos are never read (NaN
+  # there stays out), whatever the chunk boundaries.
+  for depth, last in ((1, n_pos - 1), (2, 1), (1, 0)):
+    read = (site < depth * n_pos) & (site % n_pos <= last)
+    poisoned = np.where(read[:, None], dec, np.nan)
+    for chunk in (2, 4):
+      got = edge_rows(g_embed, g_mlp, sources(poisoned), depth, last, chunk=chunk)
+      np.testing.assert_allclose(
+        np.asarray(got)[:, :n_feat], want(np.flatnonzero(read)), **close
+      )
