@@ -4,13 +4,15 @@
    BOS + a 32-token random span + its first 31 tokens again (an induction
    prompt). Timed: building the replacement (one recorded clean run), and
    the graph (all active features + the top logits as targets, one vmapped
-   backward pass per 128 targets, edges by decoder dot products), the first
+   backward pass per 128 targets, edges by decoder dot products on the
+   device), the first
    call (compiles included) and a second call on another prompt of the same
    length (compiled).
 2. The mid-size config (`configs.MID`, random weights; Gemma 2, so its final
    logit soft cap is linearized at the prompt) with random transcoders of
    width 2048 (θ set so that ~30 latents fire per token), the graph capped
-   at the 2048 most active features (``max_feature_nodes``).
+   at the 2048 most active features (``max_feature_nodes``), then with every
+   active feature (~14 000 nodes; skipped with ``--no-uncapped``).
 
 circuit-tracer runs in `circuit_tracer_parity.py` (its own venv). Run: ``python
 bench/circuits.py``.
@@ -84,6 +86,8 @@ def main() -> None:
   mid = gs.build_model(MID, init_base_rng=jax.random.key(0))
   tcs = random_transcoders(MID.embedding_dim, MID.num_layers, 2048)
   report("mid-size + random transcoders (2048 nodes)", mid, tcs, MID.vocab_size, 2048)
+  if "--no-uncapped" not in sys.argv:
+    report("mid-size + random transcoders (all features)", mid, tcs, MID.vocab_size)
   print(f"load after: {os.getloadavg()}")
 
 

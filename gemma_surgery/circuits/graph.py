@@ -19,9 +19,12 @@ error node its error vector, a token its scaled embedding, so::
 
   A[t, s] = Σ_k ⟨source_s at mlp.out[k] (or embed), ∂target_t/∂(that site)⟩
 
-computed with one vmapped ``jax.vjp`` per batch of targets. Each target's
-pre-activation equals the sum of its row plus the bias terms (decoder
-biases, its encoder bias): the graph is complete.
+computed with one vmapped ``jax.vjp`` per batch of targets, on the device
+(`rows`: compiled once per prompt length; feature targets skip the
+unembedding and stop at their batch's deepest layer; only the ``[T, N]``
+rows come back). Each target's pre-activation equals the sum of its row
+plus the bias terms (decoder biases, its encoder bias): the graph is
+complete.
 """
 
 from __future__ import annotations
@@ -29,17 +32,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 from tqdm.auto import tqdm
 
 from gemma_surgery import errors
-from gemma_surgery.circuits.linear import linear_reads
+from gemma_surgery.circuits.linear import frozen_reads
 from gemma_surgery.circuits.replacement import Replacement, replacement_model
+from gemma_surgery.circuits.rows import (
+  edge_rows,
+  feature_grads,
+  graph_sources,
+  logit_grads,
+)
 from gemma_surgery.host import to_numpy
 from gemma_surgery.sae.clt import Dictionary
+
+_GRAD_BYTES = 1 << 29
+"""Batches of targets are cut so their ``[T, L, seq, d]`` gradients stay under this."""
 
 
 @dataclasses.dataclass
@@ -161,26 +172,6 @@ def _logit_targets(logits: np.ndarray, max_n: int, desired: float) -> tuple:
   return order.astype(np.int64), probs[order].astype(np.float32)
 
 
-def _decoders(
-  dictionary: Dictionary, features: np.ndarray, acts: np.ndarray, n: int, dtype: Any
-) -> np.ndarray:
-  """``[n_features, n_layers, d]``: activation × decoder row into each layer."""
-  d = dictionary.info.d_model
-  out = np.zeros((len(features), n, d), dtype)
-  acts = acts.astype(dtype)
-  for layer in range(n):
-    rows = np.flatnonzero(features[:, 0] == layer)
-    if not len(rows):
-      continue
-    for target in range(layer, n):
-      dec = dictionary.decoder(layer, target)
-      if dec is None:
-        continue
-      w = to_numpy(dec.unwrap("latents", "embedding"), np.float32).astype(dtype)
-      out[rows, target] = w[features[rows, 2]] * acts[rows, None]
-  return out
-
-
 def _encoder_columns(dictionary: Dictionary, features: np.ndarray) -> np.ndarray:
   cols = np.zeros((len(features), dictionary.info.d_model), np.float32)
   for layer in np.unique(features[:, 0]):
@@ -205,37 +196,6 @@ def _active(rep: Replacement, max_feature_nodes: int | None) -> tuple:
   return features, acts
 
 
-def cotangents(
-  indices: np.ndarray,
-  graph_features: np.ndarray,
-  enc_cols: np.ndarray,
-  logit_ids: np.ndarray,
-  n_layers: int,
-  n_pos: int,
-  vocab: int,
-  dtype: Any = np.float32,
-) -> tuple[np.ndarray, np.ndarray]:
-  """For targets ``indices`` (features first, then logits): ``[T, L, seq, d]``
-  on ``mlp.in`` and ``[T, vocab]`` on the last logits (one batch at a time:
-  all targets at once would not fit for large prompts).
-
-  Feature targets read ``mlp.in[l, p] · W_enc[:, i]``; logit targets read
-  ``logit_v − mean(logits)``.
-  """
-  n_f, d = enc_cols.shape
-  t = len(indices)
-  on_in = np.zeros((t, n_layers, n_pos, d), dtype)
-  on_logits = np.zeros((t, vocab), dtype)
-  feat = indices < n_f
-  rows = np.flatnonzero(feat)
-  f = graph_features[indices[feat]]
-  on_in[rows, f[:, 0], f[:, 1]] = enc_cols[indices[feat]]
-  rows = np.flatnonzero(~feat)
-  on_logits[rows] = -1.0 / vocab
-  on_logits[rows, logit_ids[indices[~feat] - n_f]] += 1.0
-  return on_in, on_logits
-
-
 def attribute(
   model: Any,
   dictionary: Dictionary,
@@ -257,7 +217,8 @@ def attribute(
     max_n_logits: At most this many logit nodes.
     desired_logit_prob: Take logits until their probability sums to this.
     max_feature_nodes: Keep only this many features (largest activations).
-    batch_size: Targets per vmapped backward pass.
+    batch_size: Targets per vmapped backward pass (lowered so that a batch's
+      ``[T, L, seq, d]`` gradients stay under 512 MiB).
     prompt: Stored in the graph (for export).
     progress: tqdm bar over target batches.
 
@@ -299,50 +260,42 @@ def attribute_replacement(
   """
   np_dtype = np.dtype(jnp.dtype(dtype).name)
   n, n_pos, d = rep.errors.shape
-  vocab = rep.logits.shape[-1]
   features, acts = _active(rep, max_feature_nodes)
   logit_ids, logit_probs = _logit_targets(
     rep.logits[-1], max_n_logits, desired_logit_prob
   )
-  enc_cols = _encoder_columns(rep.dictionary, features)
-  reads = linear_reads(rep, dtype)
-  embed0 = jnp.zeros((n_pos, d), dtype)
-  _, vjp = jax.vjp(reads, embed0, jnp.asarray(rep.written, dtype))
-  decoders = _decoders(rep.dictionary, features, acts, n, np_dtype)
-  embed, errs = rep.embed.astype(np_dtype), rep.errors.astype(np_dtype)
-  backward = jax.jit(jax.vmap(lambda a, b: vjp((a, b))))
+  enc_cols = _encoder_columns(rep.dictionary, features).astype(np_dtype)
+  spec, arrays = frozen_reads(rep, [("mlp.in", i) for i in range(n)], dtype)
+  written = jnp.asarray(rep.written, dtype)
+  sources = graph_sources(rep, features, acts, dtype)
   n_f = len(features)
   size = n_f + n * n_pos + n_pos + len(logit_ids)
   adjacency = np.zeros((size, size), np_dtype)
-  by_pos = [np.flatnonzero(features[:, 1] == p) for p in range(n_pos)]
-  err_start, tok_start = n_f, n_f + n * n_pos
-  targets = np.concatenate(
-    [np.arange(n_f), tok_start + n_pos + np.arange(len(logit_ids))]
-  )
-  starts = range(0, len(targets), batch_size)
+  per_target = n * n_pos * d * np_dtype.itemsize  # Its [L, seq, d] gradient.
+  batch = max(1, min(batch_size, _GRAD_BYTES // per_target))
+
+  def store(targets: np.ndarray, grads: tuple, depth: int, last: int) -> None:
+    got = edge_rows(*grads, sources, np.int32(depth), np.int32(last))
+    got = np.asarray(got)[: len(targets)]
+    adjacency[targets, :n_f] = got[:, :n_f]
+    adjacency[targets, n_f : n_f + (n + 1) * n_pos] = got[:, -(n + 1) * n_pos :]
+
+  starts = range(0, n_f, batch)
   for start in tqdm(starts, desc="attribution", disable=not progress):
-    stop = min(start + batch_size, len(targets))
-    which = np.arange(start, stop)
-    a, b = cotangents(which, features, enc_cols, logit_ids, n, n_pos, vocab, np_dtype)
-    pad = batch_size - (stop - start)
-    if pad:  # Fixed batch shape: one compile.
-      a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
-      b = np.concatenate([b, np.zeros((pad, *b.shape[1:]), b.dtype)])
-    g_embed, g_mlp = backward(jnp.asarray(a), jnp.asarray(b))
-    g_embed = np.asarray(g_embed)[: stop - start]
-    g_mlp = np.asarray(g_mlp)[: stop - start]
-    rows = targets[start:stop]
-    adjacency[rows, tok_start : tok_start + n_pos] = np.einsum(
-      "tpd,pd->tp", g_embed, embed
-    )
-    adjacency[rows, err_start:tok_start] = np.einsum(
-      "tkpd,kpd->tkp", g_mlp, errs
-    ).reshape(len(rows), -1)
-    for p, idx in enumerate(by_pos):
-      if len(idx):
-        adjacency[np.ix_(rows, idx)] = np.einsum(
-          "tkd,skd->ts", g_mlp[:, :, p], decoders[idx]
-        )
+    which = np.arange(start, min(start + batch, n_f))
+    pad = batch - len(which)  # Fixed batch shape: one compile per depth.
+    layer, pos = (np.pad(features[which, j], (0, pad)).astype(np.int32) for j in (0, 1))
+    enc = np.pad(enc_cols[which], ((0, pad), (0, 0)))
+    depth = int(features[which, 0].max()) + 1
+    grads = feature_grads(spec, arrays, written, depth, layer, pos, enc)
+    store(which, grads, depth, features[which, 1].max())
+  n_logit = min(batch, max_n_logits)
+  for start in range(0, len(logit_ids), n_logit):
+    ids = logit_ids[start : start + n_logit]
+    live = np.arange(n_logit) < len(ids)
+    ids = np.pad(ids, (0, n_logit - len(ids))).astype(np.int32)
+    grads = logit_grads(spec, arrays, written, ids, live)
+    store(n_f + n * n_pos + n_pos + start + np.arange(live.sum()), grads, n, n_pos - 1)
   return Graph(
     tokens=np.asarray(rep.tokens.unwrap("batch", "seq")[0]).astype(np.int64),
     features=features,
