@@ -20,12 +20,13 @@ bench/circuits.py``.
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import time
 
 import jax
 import numpy as np
+import record
 from configs import MID
 
 import gemma_surgery as gs
@@ -67,7 +68,7 @@ def random_transcoders(
   return TranscoderSet.of(tcs, source="random")
 
 
-def report(name: str, model, dictionary, vocab: int, cap=None) -> None:
+def report(rec, key: str, name: str, model, dictionary, vocab: int, cap=None) -> None:
   first = timed(model, dictionary, prompt(0, vocab), cap)
   again = timed(model, dictionary, prompt(1, vocab), cap)
   print(
@@ -75,20 +76,38 @@ def report(name: str, model, dictionary, vocab: int, cap=None) -> None:
     f" replacement {first[0]:.2f}s first, {again[0]:.2f}s again;"
     f" graph {first[1]:.2f}s first, {again[1]:.2f}s again"
   )
+  rec.figure(f"{key}_features", f"{name}: feature nodes", first[2])
+  for label, index in (("replacement", 0), ("graph", 1)):
+    rec.figure(f"{key}_{label}_first", f"{name}: {label}, first", first[index], "s")
+    rec.figure(
+      f"{key}_{label}_again",
+      f"{name}: {label}, another prompt of the same length",
+      again[index],
+      "s",
+    )
 
 
 def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--mid-only", action="store_true")
+  parser.add_argument("--no-uncapped", action="store_true")
+  record.add_arguments(parser)
+  args = parser.parse_args()
+  rec = record.Recorder.from_args("circuits", args)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, load {os.getloadavg()}")
   lm = gs.load("tiny")
-  if "--mid-only" not in sys.argv:
-    report("tiny + transcoders", lm.model, gs.sae.load_transcoders("tiny"), 4096)
-    report("tiny + CLT", lm.model, gs.sae.load_clt("tiny"), 4096)
+  if not args.mid_only:
+    transcoders = gs.sae.load_transcoders("tiny")
+    report(rec, "tiny_tc", "tiny + transcoders", lm.model, transcoders, 4096)
+    report(rec, "tiny_clt", "tiny + CLT", lm.model, gs.sae.load_clt("tiny"), 4096)
   mid = gs.build_model(MID, init_base_rng=jax.random.key(0))
   tcs = random_transcoders(MID.embedding_dim, MID.num_layers, 2048)
-  report("mid-size + random transcoders (2048 nodes)", mid, tcs, MID.vocab_size, 2048)
-  if "--no-uncapped" not in sys.argv:
-    report("mid-size + random transcoders (all features)", mid, tcs, MID.vocab_size)
+  name = "mid-size + random transcoders 8 × 2048"
+  report(rec, "mid_capped", f"{name}, 2048 nodes", mid, tcs, MID.vocab_size, 2048)
+  if not args.no_uncapped:
+    report(rec, "mid_all", f"{name}, every feature", mid, tcs, MID.vocab_size)
   print(f"load after: {os.getloadavg()}")
+  rec.save()
 
 
 if __name__ == "__main__":

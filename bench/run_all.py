@@ -76,6 +76,7 @@ BENCHMARKS = {
     ["gemma4_generation.py"],
     ["gemma4_generation.py", "--rounds", "1"],
   ),
+  "circuits": (["circuits.py"], ["circuits.py", "--no-uncapped"]),
   "load_and_compile": (["load_and_compile.py"], ["load_and_compile.py"]),
   "load_tiny": (["load_tiny.py"], ["load_tiny.py"]),
   # Fresh processes with a cold, then a warm, compilation cache; the tour too.
