@@ -12,8 +12,9 @@ Every cached attention layer becomes a
 `decode_layers.InPlaceKVCachingAttention` (its cache written in place, its
 einsums `decode_layers.SingleQueryEinsum`) and the unembedding a
 `decode_layers.SingleTokenEmbeddingDecode`: the same computation in a form
-XLA:CPU runs faster one token at a time (see `decode_layers`). The caches are
-laid out ``{batch, heads..., seq, projection}``. ``cache_dtype`` stores keys
+XLA:CPU runs faster one token at a time (see `decode_layers`). Key caches
+keep Penzai's layout ``{batch, heads..., projection, seq}``, value caches are
+``{batch, heads..., seq, projection}``. ``cache_dtype`` stores keys
 and values in another dtype than the activations (e.g. bfloat16 beside
 float32 activations, halving the bytes a decoding step reads from the cache):
 keys and values are rounded into the cache; attention then promotes them back
@@ -48,10 +49,11 @@ def _cached_masks(layer: Any) -> Any:
 def _seq_major(array: pz.nx.NamedArray, seq: str) -> pz.nx.NamedArray:
   """``array`` laid out with ``seq`` just before ``projection`` (if both exist).
 
-  Penzai allocates ``{batch, heads..., projection, seq}`` caches; with ``seq``
-  last, every step transposes the whole key cache for the query-key product
-  (which contracts ``projection``). Named axes make the order a layout
-  choice, nothing else.
+  Penzai allocates ``{batch, heads..., projection, seq}`` caches. That suits
+  the keys (the query-key product sums over ``projection``, XLA reads each
+  position's keys as a row either way) but not the values: the weighted sum
+  over ``seq`` then transposes the whole value cache at every step. Named axes
+  make the order a layout choice, nothing else.
   """
   names = [n for n in array.named_shape if n != seq]
   if seq not in array.named_shape or "projection" not in names:
@@ -65,17 +67,19 @@ def _in_place(
 ) -> decode_layers.InPlaceKVCachingAttention:
   """``attn`` as a `decode_layers.InPlaceKVCachingAttention`.
 
-  Its (fresh, all-zero) cache in ``dtype`` and ``seq``-major (`_seq_major`),
-  its attention einsums `decode_layers.SingleQueryEinsum`.
+  Its (fresh, all-zero) cache in ``dtype``, the values ``seq``-major
+  (`_seq_major`), its attention einsums `decode_layers.SingleQueryEinsum`.
   """
   fields = {
     f.name: getattr(attn, f.name)
     for f in dataclasses.fields(attn)
     if f.name != "kv_cache"
   }
+  keys, values = attn.kv_cache.value
   cache = pz.StateVariable(
-    value=tuple(
-      _seq_major(a, attn.sequence_axis).astype(dtype) for a in attn.kv_cache.value
+    value=(
+      keys.astype(dtype),
+      _seq_major(values, attn.sequence_axis).astype(dtype),
     ),
     label=attn.kv_cache.label,
   )
