@@ -76,6 +76,10 @@ BENCHMARKS = {
     ["gemma4_generation.py"],
     ["gemma4_generation.py", "--rounds", "1"],
   ),
+  "decode_step": (
+    ["decode_step.py"],
+    ["decode_step.py", "--runs", "2", "--batch", "1"],
+  ),
   "circuits": (["circuits.py"], ["circuits.py", "--no-uncapped"]),
   "load_and_compile": (["load_and_compile.py"], ["load_and_compile.py"]),
   "load_tiny": (["load_tiny.py"], ["load_tiny.py"]),

@@ -238,7 +238,7 @@ def choose_tokens(
   """
   rng, key = jax.random.split(rng)
   if mode.greedy:
-    return pz.nx.nmap(jnp.argmax)(logits.untag("vocabulary")).astype(jnp.int32), rng
+    return pz.nx.nmap(argmax)(logits.untag("vocabulary")).astype(jnp.int32), rng
   scaled = logits / temperature
   keys = pz.nx.random_split(key, batch_axes)
   if not mode.filtered:

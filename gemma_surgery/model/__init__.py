@@ -7,13 +7,24 @@
   sharing, layer scalars; the mixture of experts on an ``experts`` axis).
 * `caching`: `kv_caching_lm`, Penzai's KV-caching conversion with Gemma 4's
   per-layer cache shapes and cache-free KV-shared layers.
+* `decode_layers`: the layers that conversion puts in place of Penzai's so
+  one decoding step runs fast on XLA:CPU (in-place cache writes, single-query
+  attention, one-token unembedding).
 * `parameters`: the canonical checkpoint names and shapes every loader
   produces, and how each becomes a Penzai parameter (`Target`).
 
 Imports only the ground floor (`config`, `errors`, `validation`).
 """
 
-from gemma_surgery.model import build, build_gemma4, caching, gemma4, moe, parameters
+from gemma_surgery.model import (
+  build,
+  build_gemma4,
+  caching,
+  decode_layers,
+  gemma4,
+  moe,
+  parameters,
+)
 from gemma_surgery.model.build import GemmaTransformerLM, build_model
 from gemma_surgery.model.caching import kv_caching_lm
 
@@ -23,6 +34,7 @@ __all__ = [
   "build_gemma4",
   "build_model",
   "caching",
+  "decode_layers",
   "gemma4",
   "kv_caching_lm",
   "moe",

@@ -8,11 +8,17 @@ each `gemma4.SharedKVAttention` into a `gemma4.SharedKVCachingAttention`
 holding the very ``StateVariable`` of the layer it reads (``config.kv_source``).
 Other models go through Penzai's conversion unchanged.
 
-``cache_dtype`` stores keys and values in another dtype than the activations
-(e.g. bfloat16 beside float32 activations, halving the bytes a decoding step
-reads from the cache): `CastingKVCachingAttention` rounds each step's keys and
-values into the cache; attention then promotes them back to the activation
-dtype.
+Every cached attention layer becomes a
+`decode_layers.InPlaceKVCachingAttention` (its cache written in place, its
+einsums `decode_layers.SingleQueryEinsum`) and the unembedding a
+`decode_layers.SingleTokenEmbeddingDecode`: the same computation in a form
+XLA:CPU runs faster one token at a time (see `decode_layers`). Key caches
+keep Penzai's layout ``{batch, heads..., projection, seq}``, value caches are
+``{batch, heads..., seq, projection}``. ``cache_dtype`` stores keys
+and values in another dtype than the activations (e.g. bfloat16 beside
+float32 activations, halving the bytes a decoding step reads from the cache):
+keys and values are rounded into the cache; attention then promotes them back
+to the activation dtype.
 """
 
 from __future__ import annotations
@@ -20,13 +26,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from penzai import pz
 from penzai.models.transformer import sampling_mode
 
 from gemma_surgery import errors
-from gemma_surgery.model import build, gemma4
+from gemma_surgery.model import build, decode_layers, gemma4
 
 _MASKS = pz.nn.ApplyCausalAttentionMask | pz.nn.ApplyCausalSlidingWindowAttentionMask
 
@@ -42,52 +46,59 @@ def _cached_masks(layer: Any) -> Any:
   )
 
 
-@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
-class CastingKVCachingAttention(pz.nn.KVCachingAttention):
-  """``pz.nn.KVCachingAttention`` whose cache holds another dtype.
+def _seq_major(array: pz.nx.NamedArray, seq: str) -> pz.nx.NamedArray:
+  """``array`` laid out with ``seq`` just before ``projection`` (if both exist).
 
-  Keys and values (axes: the batch axes, the head axes, ``seq``,
-  ``projection``) are cast to the cache's dtype before they are written at
-  ``cache_end_index`` (side input, as in Penzai); the queries and the
-  attention arithmetic keep the activation dtype (the einsums promote the
-  cached values).
+  Penzai allocates ``{batch, heads..., projection, seq}`` caches. That suits
+  the keys (the query-key product sums over ``projection``, XLA reads each
+  position's keys as a row either way) but not the values: the weighted sum
+  over ``seq`` then transposes the whole value cache at every step. Named axes
+  make the order a layout choice, nothing else.
   """
-
-  def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-    end = side_inputs[self.kv_cache_end_index_key]
-    old_keys, old_values = self.kv_cache.value
-    query = self.input_to_query(x, **side_inputs)
-    written = []
-    for old, new in (
-      (old_keys, self.input_to_key(x, **side_inputs)),
-      (old_values, self.input_to_value(x, **side_inputs)),
-    ):
-      new = new.astype(old.dtype).untag(self.sequence_axis)
-      update = pz.nx.nmap(jax.lax.dynamic_update_slice)
-      written.append(
-        update(old.untag(self.sequence_axis), new, (end,)).tag(self.sequence_axis)
-      )
-    self.kv_cache.value = tuple(written)
-    attn = self.query_key_to_attn((query, written[0]), **side_inputs)
-    return self.attn_value_to_output((attn, written[1]), **side_inputs)
+  names = [n for n in array.named_shape if n != seq]
+  if seq not in array.named_shape or "projection" not in names:
+    return array
+  names.insert(names.index("projection"), seq)
+  return array.order_as(*names)
 
 
-def _with_cache_dtype(
+def _in_place(
   attn: pz.nn.KVCachingAttention, dtype: Any
-) -> pz.nn.KVCachingAttention:
-  """``attn`` with its (fresh, all-zero) cache stored in ``dtype``."""
-  if jnp.dtype(dtype) == attn.kv_cache.value[0].dtype:
-    return attn
+) -> decode_layers.InPlaceKVCachingAttention:
+  """``attn`` as a `decode_layers.InPlaceKVCachingAttention`.
+
+  Its (fresh, all-zero) cache in ``dtype``, the values ``seq``-major
+  (`_seq_major`), its attention einsums `decode_layers.SingleQueryEinsum`.
+  """
   fields = {
     f.name: getattr(attn, f.name)
     for f in dataclasses.fields(attn)
     if f.name != "kv_cache"
   }
+  keys, values = attn.kv_cache.value
   cache = pz.StateVariable(
-    value=tuple(a.astype(dtype) for a in attn.kv_cache.value),
+    value=(
+      keys.astype(dtype),
+      _seq_major(values, attn.sequence_axis).astype(dtype),
+    ),
     label=attn.kv_cache.label,
   )
-  return CastingKVCachingAttention(kv_cache=cache, **fields)
+  layer = decode_layers.InPlaceKVCachingAttention(kv_cache=cache, **fields)
+  return _single_query_einsums(layer)
+
+
+def _single_query_einsums(layer: Any) -> Any:
+  """``layer`` with its attention einsums as `decode_layers.SingleQueryEinsum`."""
+  return (
+    pz.select(layer)
+    .at(lambda a: (a.query_key_to_attn, a.attn_value_to_output), multiple=True)
+    .at_instances_of(pz.nn.NamedEinsum)
+    .apply(
+      lambda e: decode_layers.SingleQueryEinsum(
+        input_axes=e.input_axes, output_axes=e.output_axes
+      )
+    )
+  )
 
 
 def kv_caching_lm(
@@ -124,10 +135,10 @@ def kv_caching_lm(
       pad_id=pad_id,
       variable_name_prefix=variable_name_prefix,
     )
-    return (
+    return _single_token_decode(
       pz.select(cached)
       .at_instances_of(pz.nn.KVCachingAttention)
-      .apply(lambda attn: _with_cache_dtype(attn, dtype))
+      .apply(lambda attn: _in_place(attn, dtype))
     )
   selection = pz.select(uncached.body).at_instances_of(
     pz.nn.Attention | gemma4.SharedKVAttention
@@ -157,18 +168,20 @@ def kv_caching_lm(
       cache_end_index_key="cache_end_index",
       cache_label=f"{variable_name_prefix}/cache_{layer}",
     )
-    converted[path] = _with_cache_dtype(converted[path], dtype)
+    converted[path] = _in_place(converted[path], dtype)
     caches[layer] = converted[path].kv_cache
   for layer, path in enumerate(selection.selected_by_path):
     attn = converted[path]
     if isinstance(attn, gemma4.SharedKVAttention):
-      converted[path] = gemma4.SharedKVCachingAttention(
-        input_to_query=attn.input_to_query,
-        query_key_to_attn=attn.query_key_to_attn,
-        attn_value_to_output=attn.attn_value_to_output,
-        kv_cache=caches[config.kv_source(layer)],
+      converted[path] = _single_query_einsums(
+        gemma4.SharedKVCachingAttention(
+          input_to_query=attn.input_to_query,
+          query_key_to_attn=attn.query_key_to_attn,
+          attn_value_to_output=attn.attn_value_to_output,
+          kv_cache=caches[config.kv_source(layer)],
+        )
       )
-  return sampling_mode.KVCachingTransformerLM(
+  cached = sampling_mode.KVCachingTransformerLM(
     metadata=uncached.metadata,
     cache_len=cache_len,
     batch_axes=batch_axes,
@@ -181,4 +194,14 @@ def kv_caching_lm(
       value=0, label=f"{variable_name_prefix}/cache_end_index"
     ),
     body=selection.set_by_path(converted),
+  )
+  return _single_token_decode(cached)
+
+
+def _single_token_decode(cached: Any) -> Any:
+  """``cached`` with `decode_layers.SingleTokenEmbeddingDecode` unembeddings."""
+  return (
+    pz.select(cached)
+    .at_instances_of(pz.nn.EmbeddingDecode)
+    .apply(lambda layer: decode_layers.SingleTokenEmbeddingDecode(table=layer.table))
   )
