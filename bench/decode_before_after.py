@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from configs import MID
 from decode_step import LONG, SHORT, ideal_loop, matrices
-from generation import prompt_for
+from generation import greedy_controls, prompt_for
 from penzai import pz
 
 import gemma_surgery as gs
@@ -79,13 +79,7 @@ def loop(model, prompt: np.ndarray, before: bool):
     prepared = decoding.Prepared(model, prompt.shape[0], prompt.shape[1] + LONG)
     compiled = {}
     lengths = (prompt != inputs.PAD_MARK).sum(axis=1).astype(np.int32)
-    controls = {
-      "eos": np.int32(-1),
-      "pad": np.int32(0),
-      "temperature": np.float32(1.0),
-      "top_k": np.int32(MID.vocab_size),
-      "top_p": np.float32(2.0),
-    }
+    controls = greedy_controls(MID.vocab_size)
     args = (prepared.leaves, prompt, lengths, controls, jax.random.key(0))
     for n in (LONG, SHORT):
       compiled[n] = decoding.decode.lower(

@@ -368,18 +368,23 @@ def sampling_cost(rec, runs: int) -> None:
   )
 
 
+def greedy_controls(vocab: int) -> dict:
+  """The fused loop's control inputs for greedy decoding, no EOS."""
+  return {
+    "eos": np.int32(-1),
+    "pad": np.int32(0),
+    "temperature": np.float32(1.0),
+    "top_k": np.int32(vocab),
+    "top_p": np.float32(2.0),
+  }
+
+
 def compile_time(rec, model) -> None:
   """Part 6: trace, lower and compile the fused loop (mid, steered)."""
   steered = steered_model(model)
   prompt = prompt_for(model)
   prepared, leaves = decoding.prepare(steered, 1, PROMPT + NEW, None, None)
-  controls = {
-    "eos": np.int32(-1),
-    "pad": np.int32(0),
-    "temperature": np.float32(1.0),
-    "top_k": np.int32(MID.vocab_size),
-    "top_p": np.float32(2.0),
-  }
+  controls = greedy_controls(MID.vocab_size)
   lengths = (prompt != inputs.PAD_MARK).sum(axis=1).astype(np.int32)
   args = (prepared.structure, leaves, prompt, lengths, controls, jax.random.key(0))
   kwargs = {

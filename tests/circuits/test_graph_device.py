@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from helpers.circuits import count_compiles, random_set, tiny
+from helpers.circuits import random_set, tiny
+from helpers.compiles import count_compiles
 
 import gemma_surgery as gs
 from gemma_surgery.circuits.graph import attribute_replacement

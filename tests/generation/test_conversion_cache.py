@@ -8,10 +8,10 @@ call with a new scale neither converts, nor traces, nor compiles.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.compiles import count_compiles
 from helpers.generation import load
 from penzai import pz
 
@@ -39,21 +39,12 @@ def base():
 
 def test_new_scale_reuses_the_conversion(base):
   first = gs.generate(_steer(base, 3.0), ROWS, max_new_tokens=8)
-  compiles = []
-
-  def listener(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
   before = _counts()
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with count_compiles() as counts:
     model = _steer(base, -6.0, seed=1)  # new object, new vector and scale
     other = gs.generate(model, ROWS, max_new_tokens=8)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert _counts() == before  # no conversion, no trace
-  assert compiles == []
+  assert counts["compiles"] == 0
   assert (other.tokens != first.tokens).any()  # the new values took effect
   # The same model converted from scratch gives the same tokens.
   prepared._CACHE.clear()

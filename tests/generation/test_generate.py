@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import compiles
 from helpers.generation import NEW, STRINGS, load, patched, tokenizer
 from penzai import pz
 from penzai.models.transformer import sampling_mode, simple_decoding_loop
@@ -75,18 +76,13 @@ def test_seeded_sampling_matches_penzai_pyloop(model, rows):
 @contextlib.contextmanager
 def count_compiles():
   """Counts XLA backend compilations and traces of the decode loop."""
-  counts = {"compiles": 0, "traces": decoding.trace_count()}
-
-  def listener(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-      counts["compiles"] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield counts
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-    counts["traces"] = decoding.trace_count() - counts["traces"]
+  traces = decoding.trace_count()
+  with compiles.count_compiles() as counts:
+    counts["traces"] = traces
+    try:
+      yield counts
+    finally:
+      counts["traces"] = decoding.trace_count() - traces
 
 
 def test_new_steering_values_do_not_recompile(base, rows, greedy):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
-import jax
 import numpy as np
 
 import gemma_surgery as gs
@@ -76,19 +74,3 @@ def traced(kind: str, seed: int = 1, text: str = "a b c a b"):
   rep = replacement_model(model, dictionary, tokens)
   graph = attribute_replacement(rep, max_n_logits=3, progress=False)
   return model, tok, dictionary, tokens, rep, graph
-
-
-@contextlib.contextmanager
-def count_compiles():
-  """Counts XLA backend compilations in the block (``counts["compiles"]``)."""
-  counts = {"compiles": 0}
-
-  def listener(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-      counts["compiles"] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield counts
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)

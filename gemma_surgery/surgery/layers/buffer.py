@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from gemma_surgery import errors
+from gemma_surgery.model.decode_layers import write_seq
 from gemma_surgery.surgery.layers import base
 from gemma_surgery.surgery.layers.capture import CaptureLayer
 
@@ -89,7 +90,6 @@ def write_at(
   Raises:
     SurgeryError: If the axes besides ``seq`` don't match.
   """
-  names = tuple(buffer.named_shape)
   others = {k: v for k, v in buffer.named_shape.items() if k != "seq"}
   got = {k: v for k, v in value.named_shape.items() if k != "seq"}
   if others != got or "seq" not in value.named_shape or value.positional_shape:
@@ -97,11 +97,7 @@ def write_at(
       f"Capture at {where!r}: activation axes {dict(value.named_shape)} don't"
       f" fit the buffer {dict(buffer.named_shape)}."
     )
-  data = buffer.unwrap(*names)
-  update = value.astype(data.dtype).unwrap(*names)
-  index = tuple(start if name == "seq" else 0 for name in names)
-  index = tuple(jnp.asarray(i, jnp.int32) for i in index)
-  return pz.nx.wrap(jax.lax.dynamic_update_slice(data, update, index)).tag(*names)
+  return write_seq(buffer, value, "seq", start)
 
 
 def is_named(x: Any) -> bool:
