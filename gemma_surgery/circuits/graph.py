@@ -196,6 +196,27 @@ def _active(rep: Replacement, max_feature_nodes: int | None) -> tuple:
   return features, acts
 
 
+def _check_settings(
+  max_n_logits: int,
+  desired_logit_prob: float,
+  max_feature_nodes: int | None,
+  batch_size: int,
+) -> None:
+  """Raises InputError naming every setting and its valid range if one is off."""
+  nodes_ok = max_feature_nodes is None or max_feature_nodes >= 1
+  if (
+    not 1 <= max_n_logits
+    or not 0.0 < desired_logit_prob <= 1.0
+    or batch_size < 1
+    or not nodes_ok
+  ):
+    raise errors.InputError(
+      f"max_n_logits={max_n_logits} (>= 1), desired_logit_prob="
+      f"{desired_logit_prob} (in (0, 1]), batch_size={batch_size} (>= 1),"
+      f" max_feature_nodes={max_feature_nodes} (None or >= 1)."
+    )
+
+
 def attribute(
   model: Any,
   dictionary: Dictionary,
@@ -225,11 +246,7 @@ def attribute(
   Raises:
     SAEError / InputError: As `replacement_model`; bad settings.
   """
-  if not 1 <= max_n_logits or not 0.0 < desired_logit_prob <= 1.0 or batch_size < 1:
-    raise errors.InputError(
-      f"max_n_logits={max_n_logits} (>= 1), desired_logit_prob="
-      f"{desired_logit_prob} (in (0, 1]), batch_size={batch_size} (>= 1)."
-    )
+  _check_settings(max_n_logits, desired_logit_prob, max_feature_nodes, batch_size)
   rep = replacement_model(model, dictionary, tokens)
   return attribute_replacement(
     rep,
@@ -258,6 +275,7 @@ def attribute_replacement(
   ``dtype=jnp.float64`` (inside ``jax.enable_x64()``) computes
   the edges in double precision (tests compare them with autodiff).
   """
+  _check_settings(max_n_logits, desired_logit_prob, max_feature_nodes, batch_size)
   np_dtype = np.dtype(jnp.dtype(dtype).name)
   n, n_pos, d = rep.errors.shape
   features, acts = _active(rep, max_feature_nodes)

@@ -15,7 +15,7 @@ from helpers.circuits import random_set, tiny, traced
 from penzai import pz
 
 import gemma_surgery as gs
-from gemma_surgery.circuits.graph import attribute_replacement
+from gemma_surgery.circuits.graph import attribute, attribute_replacement
 from gemma_surgery.circuits.linear import linear_reads
 from gemma_surgery.circuits.replacement import AddInput, replacement_model
 from gemma_surgery.errors import InputError, SAEError
@@ -152,3 +152,12 @@ def test_bad_inputs():
   small = TranscoderSet.of(list(random_set(0).transcoders[:3]))
   with pytest.raises(SAEError, match="covers 3 layers"):
     replacement_model(model, small, _tokens(tok))
+  for bad in (
+    {"max_feature_nodes": 0},
+    {"max_feature_nodes": -5},
+    {"batch_size": 0},
+    {"max_n_logits": 0},
+    {"desired_logit_prob": float("nan")},
+  ):
+    with pytest.raises(InputError, match="max_feature_nodes"):
+      attribute(model, random_set(0), _tokens(tok), **bad)
