@@ -22,7 +22,7 @@ from gemma_surgery.host import to_numpy
 from gemma_surgery.sae.autoencoders import AutoEncoder
 from gemma_surgery.sae.metrics import token_mask
 from gemma_surgery.sae.splice import check_fits, splice_sae
-from gemma_surgery.surgery import steer
+from gemma_surgery.surgery import checks, steer
 from gemma_surgery.surgery.readout import readout_head, top_tokens
 from gemma_surgery.surgery.run import jit_forward
 
@@ -197,7 +197,8 @@ def steer_with_feature(
   row = to_numpy(sae.w_dec.value.unwrap("latents", "embedding"), np.float32)[feature]
   vector = pz.nx.wrap(jnp.asarray(scale * row))
   if sae.info.site == "attn.z":
-    head_dim = model.metadata.projection_dim
+    sizes, _ = checks.edit_sizes(model, "attn.z", sae.info.layer)
+    head_dim = sizes["projection"]  # Gemma 4: the layer's own head width
     vector = pz.nx.wrap(vector.unwrap().reshape(-1, head_dim)).tag(
       "heads", "projection"
     )

@@ -251,7 +251,7 @@ def check_fits(model: Any, sae: AutoEncoder) -> None:
         f"{where}: site {site!r} is not one an SAE can read; valid:"
         f" {', '.join(_READABLE)}."
       )
-    have = checks.flat_width(model, site)
+    have = checks.flat_width(model, site, info.layer)
     if size != have:
       raise errors.SAEError(
         f"{where}: SAE {role} size is {size}, but site {site!r} of this model"

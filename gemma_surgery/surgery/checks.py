@@ -100,11 +100,13 @@ def _refuse_mixed(site: str, axis: str, mixed: dict[int, list[int]], what: str):
   )
 
 
-def flat_width(model: Any, site: str) -> int:
+def flat_width(model: Any, site: str, layer: int | None = None) -> int:
   """Values per token at ``site`` with its axes flattened (head-major).
 
   E.g. ``d_model`` at residual sites, ``num_heads * head_dim`` at ``attn.z``
-  (the input width of a Gemma Scope attention SAE).
+  (the input width of a Gemma Scope attention SAE). On Gemma 4, where the
+  neuron count and head width differ by layer, pass ``layer`` to get that
+  layer's width (None: the base sizes, as in the model's metadata).
 
   Raises:
     SiteError: For sites with a ``kv_seq`` axis (their width depends on the
@@ -113,7 +115,10 @@ def flat_width(model: Any, site: str) -> int:
   axes = sites.site_info(site).axes
   if "kv_seq" in axes:
     raise errors.SiteError(f"Site {site!r} has no fixed width (kv_seq axis).")
-  sizes = site_sizes(model, site)
+  if layer is None or not sites.site_info(site).per_layer:
+    sizes = site_sizes(model, site)
+  else:
+    sizes, _ = edit_sizes(model, site, layer)
   return math.prod(sizes[axis] for axis in axes)
 
 

@@ -29,10 +29,10 @@ from gemma_surgery.surgery.captures import Captures
 from gemma_surgery.surgery.checks import (
   check_scalar,
   check_value,
+  edit_sizes,
   index_mask,
   layers_for,
   seq_index_mask,
-  site_sizes,
 )
 from gemma_surgery.surgery.layers.ablate import ABLATE_MODES, Ablate, Patch
 from gemma_surgery.surgery.layers.attention import (
@@ -304,7 +304,9 @@ def capture_topk(
     raise errors.SiteError(
       f"Top-k at {site!r} needs axis= one of {info.axes}, got {axis!r}."
     )
-  size = site_sizes(model, site).get(axis)
+  sizes, mixed = edit_sizes(model, site, layers_for(site, layers))
+  # Gemma 4 layers of different widths: k must fit the narrowest.
+  size = min(mixed[axis]) if axis in mixed else sizes.get(axis)
   if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (size and k > size):
     raise errors.SurgeryError(
       f"k={k!r} must be an int in 1..{size or 'kv_seq size'} for {site}/{axis}."
