@@ -12,6 +12,12 @@ measured in interleaved rounds (medians, after a warm-up call), each a
 * ``floor``: the bytes a step reads over the bandwidth of a jitted 256 MiB
   matvec (as in ``bench/generation.py``).
 
+Prefill memory (compiled, not timed): the fused loop's temporaries for a
+512-token prompt on the mid config at a 256k vocabulary, as XLA's memory
+analysis gives them, for the plain model (the prompt's logits are computed
+for its last position only) and with a zero steering vector at ``logits``
+(something observes them: every position's logits, 500 MiB per row).
+
 ``--profile`` also records one ``gs.generate`` call with ``jax.profiler`` and
 prints the time per step of each kind of XLA thunk (the dots, the attention
 fusions, copies, the argmax...), from the trace's ``trace.json.gz``.
@@ -36,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import record
 from configs import MID
-from generation import bandwidth, prompt_for, step_bytes
+from generation import bandwidth, greedy_controls, prompt_for, step_bytes
 from penzai import pz
 
 import gemma_surgery as gs
+from gemma_surgery.generation import decoding, sampling
 
 PROMPT, LONG, SHORT = 16, 64, 16
 
@@ -157,6 +164,34 @@ def profile(model, batch: int) -> None:
     print(f"  {label:28s} {dur / steps / 1e3:7.3f} {i_kinds[kind] / LONG / 1e3:7.3f}")
 
 
+def prefill_memory(rec) -> None:
+  """Temporaries of the compiled fused loop, 512-token prompt, 256k vocabulary."""
+  model = gs.build_model(MID.replace(vocab_size=256_000), jax.random.key(0))
+  prompt = jnp.ones((1, 512), jnp.int32)
+  observed = gs.steer(model, "logits", None, pz.nx.zeros({"vocabulary": 256_000}))
+  for name, m in (("plain", model), ("observed", observed)):
+    prepared, leaves = decoding.prepare(m, 1, 512 + 8, None, None)
+    compiled = decoding.decode.lower(
+      prepared.structure,
+      leaves,
+      prompt,
+      jnp.array([512], jnp.int32),
+      greedy_controls(256_000),
+      jax.random.key(0),
+      max_new_tokens=8,
+      mode=sampling.SamplingMode(greedy=True),
+    ).compile()
+    mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    print(f"prefill temporaries, 512 tokens, 256k vocabulary, {name}: {mib:.0f} MiB")
+    label = "logits observed (a steer at `logits`)" if name == "observed" else "plain"
+    rec.figure(
+      f"prefill_temp_{name}",
+      f"mid, 256k vocabulary, 512-token prompt: fused-loop temporaries, {label}",
+      mib,
+      "MiB",
+    )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -201,6 +236,7 @@ def main() -> None:
     )
     if args.profile:
       profile(model, batch)
+  prefill_memory(rec)
   rec.save()
 
 

@@ -198,10 +198,34 @@ def kv_caching_lm(
   return _single_token_decode(cached)
 
 
+def _logits_unobserved(body: Any) -> bool:
+  """Whether only soft caps follow the unembedding in ``body`` (no surgery).
+
+  Then a prompt's logits are needed at its last position only (see
+  `decode_layers.SingleTokenEmbeddingDecode`); a capture, edit or any other
+  layer after the unembedding (the ``logits`` site) needs every position.
+  """
+  sublayers = getattr(body, "sublayers", [])
+  found = [i for i, x in enumerate(sublayers) if isinstance(x, pz.nn.EmbeddingDecode)]
+  return len(found) == 1 and all(
+    type(x) is pz.nn.TanhSoftCap for x in sublayers[found[0] + 1 :]
+  )
+
+
 def _single_token_decode(cached: Any) -> Any:
-  """``cached`` with `decode_layers.SingleTokenEmbeddingDecode` unembeddings."""
+  """``cached`` with `decode_layers.SingleTokenEmbeddingDecode` unembeddings.
+
+  They compute a prompt's logits at its last position only where nothing
+  observes the logits (`_logits_unobserved`): the decode loops read only the
+  last position (prompts are left-padded).
+  """
+  last_only = _logits_unobserved(cached.body)
   return (
     pz.select(cached)
     .at_instances_of(pz.nn.EmbeddingDecode)
-    .apply(lambda layer: decode_layers.SingleTokenEmbeddingDecode(table=layer.table))
+    .apply(
+      lambda layer: decode_layers.SingleTokenEmbeddingDecode(
+        table=layer.table, last_position_only=last_only
+      )
+    )
   )

@@ -24,6 +24,7 @@ row goes through (the prompt).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -135,11 +136,28 @@ class SingleTokenEmbeddingDecode(pz.nn.EmbeddingDecode):
   and emits its own matrix-vector loop over the table's rows, where Penzai's
   contraction becomes a library matrix product reading the table at about
   two thirds of the speed. Otherwise Penzai's contraction.
+
+  With ``last_position_only`` a prompt (``seq`` longer than 1) gets logits
+  for its last position only (``seq`` of size 1): decoding reads nothing
+  else, and a ``{batch, seq, vocabulary}`` array for the whole prompt is
+  ``seq × vocabulary`` floats per row (512 MiB for 512 tokens of a 262k
+  vocabulary). The KV-cache conversion sets it only where nothing observes
+  the logits (no capture or edit after the unembedding) and prompts are
+  left-padded, so the last position is every row's last prompt token.
+
+  Attributes:
+    last_position_only: Static; see above.
   """
+
+  last_position_only: bool = dataclasses.field(
+    default=False, metadata={"pytree_node": False}
+  )
 
   def __call__(
     self, out_embeddings: pz.nx.NamedArray, **side_inputs: Any
   ) -> pz.nx.NamedArray:
+    if self.last_position_only and out_embeddings.named_shape.get("seq", 1) > 1:
+      out_embeddings = out_embeddings[{"seq": pz.slice[-1:]}]
     table = self.table.embeddings.value
     vocab = self.table.vocabulary_axis
     inner = [name for name in table.named_shape if name != vocab]

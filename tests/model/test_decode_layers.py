@@ -4,7 +4,10 @@ Each `decode_layers` layer is compared with the Penzai layer it replaces on
 random inputs: one token (its fast form, equal within float32 rounding) and
 several tokens (its fallback, bit for bit). The conversion puts them in every
 cached attention layer and the unembedding, and the cache write lowers to no
-scatter (Penzai's lowers to one: the negative control).
+scatter (Penzai's lowers to one: the negative control). A prompt's logits are
+computed for its last position only unless something at the ``logits`` site
+observes them (then for every position; the compiled loop's temporaries show
+which).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 from penzai import pz
 
 import gemma_surgery as gs
+from gemma_surgery.generation import decoding, sampling
 from gemma_surgery.model import caching, decode_layers
 
 QK = (
@@ -162,5 +166,72 @@ def test_converted_steps_match_the_uncached_model(small_model):
   got = np.concatenate(
     [np.asarray(s.unwrap("batch", "seq", "vocabulary")) for s in steps], axis=1
   )
-  want = np.asarray(full.unwrap("batch", "seq", "vocabulary"))
+  # Nothing observes the logits: the prompt's come for its last position only.
+  want = np.asarray(full.unwrap("batch", "seq", "vocabulary"))[:, 2:]
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _prompt_logits(model, tokens, cache_len=8):
+  cached = caching.kv_caching_lm(model, cache_len=cache_len, batch_axes={"batch": 1})
+  unbound, variables = pz.unbind_state_vars(cached)
+  prompt = pz.nx.wrap(jnp.asarray(tokens)).tag("batch", "seq")
+  logits, _ = unbound.stateless_call([v.freeze() for v in variables], prompt)
+  return np.asarray(logits.unwrap("batch", "seq", "vocabulary"))
+
+
+@pytest.mark.parametrize("observer", [None, "capture", "steer"])
+def test_prompt_logits_are_kept_where_the_logits_are_observed(small_model, observer):
+  tokens = np.random.default_rng(1).integers(1, 64, (1, 5)).astype(np.int32)
+  model = small_model
+  if observer == "capture":
+    model, _ = gs.capture(small_model, "logits")
+  elif observer == "steer":
+    model = gs.steer(small_model, "logits", None, named(2, vocabulary=64), 0.5)
+  full = np.asarray(
+    model(pz.nx.wrap(jnp.asarray(tokens)).tag("batch", "seq")).unwrap(
+      "batch", "seq", "vocabulary"
+    )
+  )
+  got = _prompt_logits(model, tokens)
+  if observer is None:
+    assert got.shape == (1, 1, 64)
+    np.testing.assert_allclose(got, full[:, -1:], rtol=1e-5, atol=1e-5)
+  else:  # the logits site sees every prompt position, edited or captured
+    assert got.shape == (1, 5, 64)
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+
+
+VOCAB = 16384
+
+
+def test_prefill_does_not_hold_logits_for_every_prompt_position(small_model):
+  """The compiled fused loop's temporaries: a 256-token prompt at a vocabulary
+  of 16k holds 16 MiB of logits per row only where they are observed (the
+  model's other temporaries are about 2 MiB)."""
+  config = dataclasses.replace(small_model.config, vocab_size=VOCAB)
+  base = gs.build_model(config, jax.random.key(0))
+  prompt = np.ones((1, 256), np.int32)
+  controls = {
+    "eos": np.int32(-1),
+    "pad": np.int32(0),
+    "temperature": np.float32(1.0),
+    "top_k": np.int32(VOCAB),
+    "top_p": np.float32(2.0),
+  }
+  full_logits = 256 * VOCAB * 4
+
+  def temp_bytes(model):
+    prepared, leaves = decoding.prepare(model, 1, 260, None, None)
+    args = (prepared.structure, leaves, prompt, np.array([256], np.int32))
+    compiled = decoding.decode.lower(
+      *args,
+      controls,
+      jax.random.key(0),
+      max_new_tokens=4,
+      mode=sampling.SamplingMode(greedy=True),
+    ).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(base) < full_logits / 4
+  observed = gs.steer(base, "logits", None, named(2, vocabulary=VOCAB), 0.5)
+  assert temp_bytes(observed) >= full_logits  # negative control
