@@ -115,7 +115,8 @@ def flat_width(model: Any, site: str, layer: int | None = None) -> int:
   axes = sites.site_info(site).axes
   if "kv_seq" in axes:
     raise errors.SiteError(f"Site {site!r} has no fixed width (kv_seq axis).")
-  if layer is None or not sites.site_info(site).per_layer:
+  # edit_sizes gives the base sizes wherever they don't vary by layer.
+  if layer is None:
     sizes = site_sizes(model, site)
   else:
     sizes, _ = edit_sizes(model, site, layer)
