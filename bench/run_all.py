@@ -81,6 +81,7 @@ BENCHMARKS = {
     ["decode_step.py", "--runs", "2", "--batch", "1"],
   ),
   "circuits": (["circuits.py"], ["circuits.py", "--no-uncapped"]),
+  "trace_time": (["trace_time.py"], ["trace_time.py", "--runs", "1"]),
   "load_and_compile": (["load_and_compile.py"], ["load_and_compile.py"]),
   "load_tiny": (["load_tiny.py"], ["load_tiny.py"]),
   # Fresh processes with a cold, then a warm, compilation cache; the tour too.

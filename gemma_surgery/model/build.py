@@ -33,7 +33,13 @@ from penzai.models.transformer import model_parts
 
 from gemma_surgery import errors, validation
 from gemma_surgery.config import GemmaConfig
-from gemma_surgery.model import build_gemma4, gemma4, primitives
+from gemma_surgery.model import (
+  build_gemma4,
+  gemma4,
+  positional,
+  positional_layers,
+  primitives,
+)
 
 # The value used by the reference implementation for masked-out logits.
 MASKED_OUT_VALUE = -2.3819763e38
@@ -74,6 +80,17 @@ class ScaledRoPE(pz.nn.ApplyRoPE):
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     first, second = jnp.split(input_slice, 2)
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin])
+
+  def __call__(self, inputs: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+    rotated = positional.rotate(
+      inputs,
+      side_inputs[self.positions_input_name],
+      self.embedding_axis,
+      self.max_wavelength,
+      self.scale_factor,
+      self.proportion,
+    )
+    return super().__call__(inputs, **side_inputs) if rotated is None else rotated
 
 
 @pz.pytree_dataclass(
@@ -167,7 +184,10 @@ def build_attention(
   if config.use_qk_norm:
     query.append(_rms_norm(f"{name}/query_norm", rng, proj, config))
     key.append(_rms_norm(f"{name}/key_norm", rng, proj, config))
-  query += [rope(), pz.nn.ConstantRescale(by=jnp.array(config.query_scale, act))]
+  query += [
+    rope(),
+    positional_layers.PositionalConstantRescale(by=jnp.array(config.query_scale, act)),
+  ]
   key.append(rope())
   if config.is_k_eq_v(layer):  # the same weights (one parameter) as the keys
     value = [dataclasses.replace(key_linear)]
@@ -175,13 +195,15 @@ def build_attention(
     value = [_linear(f"{name}/value", rng, d, {**common, **proj}, config)]
   if config.family == "gemma4":
     eps = config.rms_norm_eps
-    value.append(pz.nn.RMSStandardize(across=("projection",), epsilon=eps))
+    value.append(
+      positional.PositionalRMSStandardize(across=("projection",), epsilon=eps)
+    )
   if config.kv_consumers(layer):
     key.append(gemma4.ShareKV(kind=kind, role="key"))
     value.append(gemma4.ShareKV(kind=kind, role="value"))
 
   scores = [
-    pz.nn.NamedEinsum(
+    positional_layers.PositionalNamedEinsum(
       (
         {"seq": "tq", **common_ix, **q_ix, "projection": "p"},
         {"seq": "tkv", **common_ix, "projection": "p"},
@@ -191,21 +213,23 @@ def build_attention(
   ]
   if config.attn_logits_soft_cap is not None:
     scores.append(
-      pz.nn.TanhSoftCap(soft_cap=jnp.array(config.attn_logits_soft_cap, act))
+      positional_layers.PositionalTanhSoftCap(
+        soft_cap=jnp.array(config.attn_logits_soft_cap, act)
+      )
     )
   masked = jnp.array(MASKED_OUT_VALUE, act)
   if config.is_local(layer):
     scores.append(
-      pz.nn.ApplyCausalSlidingWindowAttentionMask(
+      positional_layers.PositionalSlidingWindowMask(
         sliding_window_size=config.sliding_window, masked_out_value=masked
       )
     )
   else:
-    scores.append(pz.nn.ApplyCausalAttentionMask(masked_out_value=masked))
-  scores.append(pz.nn.Softmax("kv_seq"))
+    scores.append(positional_layers.PositionalCausalMask(masked_out_value=masked))
+  scores.append(positional_layers.PositionalSoftmax("kv_seq"))
   output = pz.nn.Sequential(
     [
-      pz.nn.NamedEinsum(
+      positional_layers.PositionalNamedEinsum(
         (
           {"seq": "tq", **common_ix, **q_ix, "kv_seq": "tkv"},
           {"seq": "tkv", **common_ix, "projection": "p"},
@@ -239,13 +263,13 @@ def build_feedforward(
   f = {"neurons": config.layer_mlp_dim(layer)}
   return model_parts.TransformerFeedForward(
     [
-      pz.nn.BranchAndMultiplyTogether(
+      positional_layers.PositionalBranchAndMultiplyTogether(
         branches=[
           pz.nn.NamedGroup(
             "gate",
             [
               _linear(f"{name}/gating_linear", rng, d, f, config),
-              pz.nn.Elementwise(gelu_tanh),
+              positional_layers.PositionalElementwise(gelu_tanh),
             ],
           ),
           _linear(f"{name}/value_linear", rng, d, f, config),
@@ -278,8 +302,8 @@ def build_block(
   if config.use_post_ffw_norm:
     ffw.append(_rms_norm(f"{name}/post_ffw_norm", rng, d, config))
   sublayers: list[pz.nn.Layer] = [
-    pz.nn.Residual(pz.nn.Sequential(attn)),
-    pz.nn.Residual(pz.nn.Sequential(ffw)),
+    positional_layers.PositionalResidual(pz.nn.Sequential(attn)),
+    positional_layers.PositionalResidual(pz.nn.Sequential(ffw)),
   ]
   sublayers += build_gemma4.block_extras(name, rng, config, layer)
   return model_parts.TransformerBlock(sublayers=sublayers)
@@ -318,7 +342,11 @@ def build_model(
   layers: list[pz.nn.Layer] = [pz.nn.EmbeddingLookup(table)]
   if config.compute_dtype != config.parameter_dtype:
     layers.append(pz.nn.CastToDType(act))
-  layers.append(pz.nn.ConstantRescale(by=jnp.sqrt(config.embedding_dim).astype(act)))
+  layers.append(
+    positional_layers.PositionalConstantRescale(
+      by=jnp.sqrt(config.embedding_dim).astype(act)
+    )
+  )
   for i in range(config.num_layers):
     layers.append(build_block(f"{name}/block_{i}", init_base_rng, config, i))
   layers.append(
@@ -332,7 +360,9 @@ def build_model(
   layers.append(pz.nn.EmbeddingDecode(table))
   if config.final_logit_softcap is not None:
     layers.append(
-      pz.nn.TanhSoftCap(soft_cap=jnp.array(config.final_logit_softcap, act))
+      positional_layers.PositionalTanhSoftCap(
+        soft_cap=jnp.array(config.final_logit_softcap, act)
+      )
     )
   common, q_only = head_axes(config)
   if config.family == "gemma4":

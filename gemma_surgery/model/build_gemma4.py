@@ -12,7 +12,7 @@ import jax
 from penzai import pz
 
 from gemma_surgery.config import GemmaConfig
-from gemma_surgery.model import gemma4, moe, primitives
+from gemma_surgery.model import gemma4, moe, positional_layers, primitives
 
 
 def block_extras(
@@ -30,7 +30,7 @@ def block_extras(
         gate=pz.nn.Sequential(
           [
             primitives.linear(f"{name}/per_layer_input/gate", rng, d, p, config),
-            pz.nn.Elementwise(primitives.gelu_tanh),
+            positional_layers.PositionalElementwise(primitives.gelu_tanh),
           ]
         ),
         source=pz.nn.Sequential([gemma4.PerLayerInputSource(layer=layer)]),

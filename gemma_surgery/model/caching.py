@@ -30,8 +30,15 @@ from penzai import pz
 from penzai.models.transformer import sampling_mode
 
 from gemma_surgery import errors
-from gemma_surgery.model import build, decode_layers, gemma4
+from gemma_surgery.model import (
+  build,
+  decode_layers,
+  gemma4,
+  positional_layers,
+)
 
+# Exactly these (a subclass may observe or edit the logits).
+_SOFT_CAPS = (pz.nn.TanhSoftCap, positional_layers.PositionalTanhSoftCap)
 _MASKS = pz.nn.ApplyCausalAttentionMask | pz.nn.ApplyCausalSlidingWindowAttentionMask
 
 
@@ -208,7 +215,7 @@ def _logits_unobserved(body: Any) -> bool:
   sublayers = getattr(body, "sublayers", [])
   found = [i for i, x in enumerate(sublayers) if isinstance(x, pz.nn.EmbeddingDecode)]
   return len(found) == 1 and all(
-    type(x) is pz.nn.TanhSoftCap for x in sublayers[found[0] + 1 :]
+    type(x) in _SOFT_CAPS for x in sublayers[found[0] + 1 :]
   )
 
 

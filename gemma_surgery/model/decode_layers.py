@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemma_surgery.model import positional, positional_layers
+
 
 def write_seq(
   cache: pz.nx.NamedArray, new: pz.nx.NamedArray, axis: str, start: Any
@@ -52,18 +54,14 @@ def write_seq(
   """
   names = tuple(cache.named_shape)
   data = cache.unwrap(*names)
-  update = new.astype(data.dtype).unwrap(*names)
+  update = new.unwrap(*names).astype(data.dtype)
   index = tuple(jnp.asarray(start if name == axis else 0, jnp.int32) for name in names)
   return pz.nx.wrap(jax.lax.dynamic_update_slice(data, update, index)).tag(*names)
 
 
-def _index_map(spec: tuple[str, ...] | dict[str, str]) -> dict[str, str]:
-  return {ax: ax for ax in spec} if isinstance(spec, tuple) else dict(spec)
-
-
 @pz.pytree_dataclass(has_implicitly_inherited_fields=True)
-class SingleQueryEinsum(pz.nn.NamedEinsum):
-  """``pz.nn.NamedEinsum`` that multiplies and sums for a single query.
+class SingleQueryEinsum(positional_layers.PositionalNamedEinsum):
+  """A named einsum that multiplies and sums for a single query.
 
   When the output's ``seq`` axis has size 1 (one decoding step), the two
   inputs are multiplied (broadcast by axis name) and summed over the
@@ -77,8 +75,8 @@ class SingleQueryEinsum(pz.nn.NamedEinsum):
   def __call__(
     self, arrays: tuple[pz.nx.NamedArray, ...], **side_inputs: Any
   ) -> pz.nx.NamedArray:
-    out = _index_map(self.output_axes)
-    specs = [_index_map(spec) for spec in self.input_axes]
+    out = positional.index_map(self.output_axes)
+    specs = [positional.index_map(spec) for spec in self.input_axes]
     sizes = {
       spec[name]: size
       for arr, spec in zip(arrays, specs, strict=True)
@@ -89,13 +87,20 @@ class SingleQueryEinsum(pz.nn.NamedEinsum):
       return super().__call__(arrays, **side_inputs)
     dtype = jnp.result_type(*(arr.dtype for arr in arrays))
     a, b = (
-      arr.untag(*(n for n in arr.named_shape if n in spec))
-      .tag(*(spec[n] for n in arr.named_shape if n in spec))
-      .astype(dtype)
+      arr.untag(*(n for n in arr.named_shape if n in spec)).tag(
+        *(spec[n] for n in arr.named_shape if n in spec)
+      )
       for arr, spec in zip(arrays, specs, strict=True)
     )
+    product = positional.elementwise(
+      lambda x, y: x.astype(dtype) * y.astype(dtype), a, b
+    )
     summed = [i for i in sizes if i not in out.values()]
-    result = pz.nx.nmap(jnp.sum)((a * b).untag(*summed))
+    if product is None:  # positional axes: Penzai's named-axis arithmetic
+      product = a.astype(dtype) * b.astype(dtype)
+      result = pz.nx.nmap(jnp.sum)(product.untag(*summed))
+    else:
+      result = positional.reduce_sum(product, summed)
     return result.untag(*out.values()).tag(*out)
 
 

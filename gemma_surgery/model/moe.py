@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemma_surgery.model import positional, positional_layers
+
 
 @pz.pytree_dataclass
 class TopKRouting(pz.nn.Layer):
@@ -139,19 +141,23 @@ def build_moe(
   f = {"neurons": hidden_dim}
 
   def linear(label, inputs, outputs, **kw):
-    return pz.nn.Linear.from_config(
-      name=f"{name}/{label}",
-      init_base_rng=rng,
-      input_axes=inputs,
-      output_axes=outputs,
-      dtype=dtype,
-      **kw,
+    return positional.positional_linear(
+      pz.nn.Linear.from_config(
+        name=f"{name}/{label}",
+        init_base_rng=rng,
+        input_axes=inputs,
+        output_axes=outputs,
+        dtype=dtype,
+        **kw,
+      )
     )
 
   router = pz.nn.Sequential(
     [
       rms_norm(f"{name}/router_norm", d),  # scale = the router's ``scale``
-      pz.nn.ConstantRescale(by=jnp.asarray(embedding_dim**-0.5, act_dtype)),
+      positional_layers.PositionalConstantRescale(
+        by=jnp.asarray(embedding_dim**-0.5, act_dtype)
+      ),
       linear("router", d, e),
     ]
   )

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemma_surgery.model import positional
+
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
   """GELU with the tanh approximation (HF's ``gelu_pytorch_tanh``).
@@ -23,20 +25,24 @@ def dtype(name: str) -> jnp.dtype:
 
 def rms_norm(name, rng, axes, config) -> pz.nn.RMSLayerNorm:
   """Gemma's RMSNorm; its weight holds ``1 + w`` (Gemma 1-3) or ``w`` (Gemma 4)."""
-  return pz.nn.RMSLayerNorm.from_config(
-    name=name,
-    init_base_rng=rng,
-    across_axes=axes,
-    dtype=dtype(config.parameter_dtype),
-    epsilon=config.rms_norm_eps,
+  return positional.positional_norm(
+    pz.nn.RMSLayerNorm.from_config(
+      name=name,
+      init_base_rng=rng,
+      across_axes=axes,
+      dtype=dtype(config.parameter_dtype),
+      epsilon=config.rms_norm_eps,
+    )
   )
 
 
 def linear(name, rng, inputs, outputs, config) -> pz.nn.Linear:
-  return pz.nn.Linear.from_config(
-    name=name,
-    init_base_rng=rng,
-    input_axes=inputs,
-    output_axes=outputs,
-    dtype=dtype(config.parameter_dtype),
+  return positional.positional_linear(
+    pz.nn.Linear.from_config(
+      name=name,
+      init_base_rng=rng,
+      input_axes=inputs,
+      output_axes=outputs,
+      dtype=dtype(config.parameter_dtype),
+    )
   )
