@@ -9,6 +9,9 @@ measured in interleaved rounds (medians, after a warm-up call), each a
   unembedding) as a chain of matrix-vector products inside one jitted
   ``fori_loop``, nothing else (no norms, attention, argmax): the least a
   step can cost on this machine with XLA's dots;
+* ``fused_ideal``: the ideal chain with q|k|v and gate|up each one matrix
+  (4 dots per layer instead of 7): what a model storing fused projections
+  could reach at best;
 * ``floor``: the bytes a step reads over the bandwidth of a jitted 256 MiB
   matvec (as in ``bench/generation.py``).
 
@@ -69,20 +72,38 @@ def matrices(model) -> tuple[list[list[jax.Array]], jax.Array]:
   return layers, params["transformer/embedder.embeddings"]
 
 
-def ideal_loop(steps: int):
-  """A jitted ``fori_loop`` of ``steps`` matvec chains (see module docstring)."""
+def fuse(layers: list[list[jax.Array]]) -> list[list[jax.Array]]:
+  """Per layer ``[q|k|v, o, gate|up, down]``: the matrices concatenated."""
+  return [
+    [jnp.concatenate([q, k, v], 1), o, jnp.concatenate([g, u], 1), d]
+    for q, k, v, o, g, u, d in layers
+  ]
 
-  def step(x, layers, emb):
-    for q, k, v, o, gate, up, down in layers:
+
+def _chain_step(x, layers, emb):
+  """One step of the matvec chain over `matrices` (7 per layer) or `fuse`d ones."""
+  for ws in layers:
+    if len(ws) == 7:
+      q, k, v, o, gate, up, down = ws
       kv = x @ k + x @ v
       x = x + (x @ q + jnp.concatenate([kv, kv], axis=-1)) @ o
       x = x + (jax.nn.gelu(x @ gate) * (x @ up)) @ down
-    return x, x @ emb.T
+    else:
+      qkv, o, gate_up, down = ws
+      x = x + (x @ qkv)[:, : o.shape[0]] @ o
+      h = x @ gate_up
+      n = down.shape[0]
+      x = x + (jax.nn.gelu(h[:, :n]) * h[:, n:]) @ down
+  return x, x @ emb.T
+
+
+def ideal_loop(steps: int):
+  """A jitted ``fori_loop`` of ``steps`` matvec chains (see module docstring)."""
 
   @jax.jit
   def run(x, layers, emb):
     def body(_, x):
-      x, logits = step(x, layers, emb)
+      x, logits = _chain_step(x, layers, emb)
       return x * 1e-3 + logits[:, : x.shape[-1]] * 1e-6
 
     return jax.lax.fori_loop(0, steps, body, x)
@@ -100,10 +121,12 @@ def step_times(model, batch: int, runs: int) -> dict[str, float]:
     ("ours", n): (lambda n=n: gs.generate(model, prompt, max_new_tokens=n).tokens)
     for n in (LONG, SHORT)
   }
-  calls |= {
-    ("ideal", n): (lambda n=n: jax.block_until_ready(ideal[n](x, layers, emb)))
-    for n in (LONG, SHORT)
-  }
+  fused = fuse(layers)
+  for name, ws in (("ideal", layers), ("fused_ideal", fused)):
+    calls |= {
+      (name, n): (lambda n=n, ws=ws: jax.block_until_ready(ideal[n](x, ws, emb)))
+      for n in (LONG, SHORT)
+    }
   for fn in calls.values():
     fn()
   times = collections.defaultdict(list)
@@ -115,7 +138,7 @@ def step_times(model, batch: int, runs: int) -> dict[str, float]:
   out = {}
   for stat in (statistics.median, min):
     t = {key: stat(v) for key, v in times.items()}
-    for name in ("ours", "ideal"):
+    for name in ("ours", "ideal", "fused_ideal"):
       out[name, stat.__name__] = (t[name, LONG] - t[name, SHORT]) / (LONG - SHORT)
   return out
 
@@ -220,13 +243,18 @@ def main() -> None:
     rec.figure(
       f"b{batch}_floor", f"{prefix}: bandwidth floor / step", floor * 1e3, "ms"
     )
-    for name in ("ours", "ideal"):
+    for name in ("ours", "ideal", "fused_ideal"):
       step = t[name, "median"]
       rec.figure(
-        f"b{batch}_{name}", f"{prefix}: {name} step (median)", step * 1e3, "ms"
+        f"b{batch}_{name}",
+        f"{prefix}: {name.replace('_', ' ')} step (median)",
+        step * 1e3,
+        "ms",
       )
       rec.figure(
-        f"b{batch}_{name}_floor", f"{prefix}: floor / {name} step", floor / step
+        f"b{batch}_{name}_floor",
+        f"{prefix}: floor / {name.replace('_', ' ')} step",
+        floor / step,
       )
     rec.figure(
       f"b{batch}_ratio",
