@@ -11,7 +11,9 @@ positional axes (which Penzai allows) fall back to the parent's code.
 
 Being subclasses, they match ``pz.select(...).at_instances_of(pz.nn.Linear)``
 and every other selection on the Penzai types, and they render the same way in
-treescope.
+treescope. The helpers here (`data_layout`, `from_data`, `elementwise`…) also
+serve `gemma_surgery.model.positional_layers`, which does the same for the
+attention, residual and activation layers.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def from_data(data: jax.Array, names: list[str]) -> NamedArray:
 
 
 def data_order(axis_of: dict[str, int]) -> list[str]:
+  """The names of ``axis_of`` (name -> data axis) in data-axis order."""
   return sorted(axis_of, key=axis_of.__getitem__)
 
 

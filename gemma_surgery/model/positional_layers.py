@@ -169,16 +169,16 @@ class PositionalNamedEinsum(pz.nn.NamedEinsum):
 
 
 def _add(a: Any, b: Any) -> Any:
-  out = elementwise(jnp.add, a, b) if _bothnamed(a, b) else None
+  out = elementwise(jnp.add, a, b) if _both_named(a, b) else None
   return a + b if out is None else out
 
 
 def _multiply(a: Any, b: Any) -> Any:
-  out = elementwise(jnp.multiply, a, b) if _bothnamed(a, b) else None
+  out = elementwise(jnp.multiply, a, b) if _both_named(a, b) else None
   return a * b if out is None else out
 
 
-def _bothnamed(a: Any, b: Any) -> bool:
+def _both_named(a: Any, b: Any) -> bool:
   return isinstance(a, pz.nx.NamedArrayBase) and isinstance(b, pz.nx.NamedArrayBase)
 
 
