@@ -50,6 +50,15 @@ def data_order(axis_of: dict[str, int]) -> list[str]:
   return sorted(axis_of, key=axis_of.__getitem__)
 
 
+def broadcastable(x: jax.Array, axis_of: dict[str, int], names: list[str]) -> jax.Array:
+  """``x`` (axes ``axis_of``, a subset of ``names``) laid out in ``names``'
+  order, with a size-1 axis for each name it lacks: ready to broadcast
+  against data whose axes are ``names``."""
+  mine = sorted(axis_of, key=names.index)
+  x = jnp.transpose(x, [axis_of[n] for n in mine])
+  return x.reshape([x.shape[mine.index(n)] if n in axis_of else 1 for n in names])
+
+
 def _check_sizes(layer_label: str, value_axes: dict, weight_axes: dict, names) -> None:
   for name in names:
     if name not in value_axes:
@@ -95,9 +104,11 @@ class PositionalLinear(pz.nn.Linear):
     x_free = [n for n in data_order(x_axis) if n not in w_axis]
     w_free = [n for n in data_order(w_axis) if n in outputs]
     common = jnp.promote_types(x.dtype, w.dtype)
+    if not contracted and not w_free:  # a scale over some of the input's axes
+      return elementwise(
+        lambda a, b: a.astype(common) * b.astype(common), in_array, weights
+      )
     x, w = x.astype(common), w.astype(common)
-    if not contracted and not w_free:
-      return _scale(x, x_axis, w, w_axis)
     out = jax.lax.dot_general(
       x,
       w,
@@ -107,16 +118,6 @@ class PositionalLinear(pz.nn.Linear):
       ),
     )
     return from_data(out, parallel + x_free + w_free)
-
-
-def _scale(x: jax.Array, x_axis: dict, w: jax.Array, w_axis: dict) -> NamedArray:
-  """``x`` times weights over a subset of its axes (an RMSNorm scale)."""
-  order = data_order(x_axis)
-  w_names = sorted(w_axis, key=x_axis.__getitem__)
-  w = jnp.transpose(w, [w_axis[n] for n in w_names])
-  shape = [x.shape[x_axis[n]] if n in w_axis else 1 for n in order]
-  x = jnp.transpose(x, [x_axis[n] for n in order])
-  return from_data(x * w.reshape(shape), order)
 
 
 @pz.pytree_dataclass(
@@ -150,9 +151,7 @@ def positions_like(
   p, p_axis = layout
   if not all(n in names for n in p_axis):
     return None
-  p_names = sorted(p_axis, key=names.index)
-  p = jnp.transpose(p, [p_axis[n] for n in p_names])
-  return p.reshape([p.shape[p_names.index(n)] if n in p_axis else 1 for n in names])
+  return broadcastable(p, p_axis, names)
 
 
 def positional_norm(norm: pz.nn.RMSLayerNorm) -> pz.nn.RMSLayerNorm:
@@ -232,7 +231,9 @@ def elementwise(fn: Callable[..., jax.Array], *args: Any) -> NamedArray | None:
 
   ``args`` are NamedArrays (no positional axes) or scalars/0-d arrays. The
   result's axes are the first NamedArray's, in its data order, then any the
-  others add. None where an argument has positional axes (use ``pz.nmap``).
+  others add. None where ``pz.nmap`` is needed instead: an argument with
+  positional axes, a plain array that is not 0-d (``nmap`` would treat its
+  axes as positional), or no NamedArray at all.
   """
   layouts = []
   names: list[str] = []
@@ -243,19 +244,16 @@ def elementwise(fn: Callable[..., jax.Array], *args: Any) -> NamedArray | None:
         return None
       layouts.append(layout)
       names += [n for n in data_order(layout[1]) if n not in names]
-    else:
+    elif jnp.ndim(arg) == 0:
       layouts.append(None)
-  data = []
-  for arg, layout in zip(args, layouts, strict=True):
-    if layout is None:
-      data.append(arg)
-      continue
-    x, axis_of = layout
-    mine = sorted(axis_of, key=names.index)
-    x = jnp.transpose(x, [axis_of[n] for n in mine])
-    data.append(
-      x.reshape([x.shape[mine.index(n)] if n in axis_of else 1 for n in names])
-    )
+    else:
+      return None
+  if not names:
+    return None
+  data = [
+    arg if layout is None else broadcastable(*layout, names)
+    for arg, layout in zip(args, layouts, strict=True)
+  ]
   out = fn(*data)
   if out.ndim != len(names):  # fn broadcast to fewer axes: impossible for ufuncs
     raise ValueError(f"{fn} changed the rank of its inputs")
@@ -263,6 +261,7 @@ def elementwise(fn: Callable[..., jax.Array], *args: Any) -> NamedArray | None:
 
 
 def index_map(spec: tuple[str, ...] | dict[str, str]) -> dict[str, str]:
+  """A `pz.nn.NamedEinsum` axis spec as ``{axis name: index name}``."""
   return {ax: ax for ax in spec} if isinstance(spec, tuple) else dict(spec)
 
 

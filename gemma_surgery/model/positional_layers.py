@@ -35,23 +35,23 @@ class PositionalElementwise(pz.nn.Elementwise):
   """``pz.nn.Elementwise`` applied to the data array directly."""
 
   def __call__(self, value: Any, **side_inputs) -> Any:
-    if isinstance(value, pz.nx.NamedArrayBase):
-      out = elementwise(self.fn, value)
-      if out is not None:
-        return out
-    return super().__call__(value, **side_inputs)
+    out = elementwise(self.fn, value)
+    return super().__call__(value, **side_inputs) if out is None else out
 
 
 @pz.pytree_dataclass(
   has_implicitly_inherited_fields=True
 )  # pytype: disable=wrong-keyword-args
 class PositionalTanhSoftCap(pz.nn.TanhSoftCap):
-  """``pz.nn.TanhSoftCap``: ``tanh(x / cap) * cap`` on the data array."""
+  """``pz.nn.TanhSoftCap``: ``tanh(x / cap) * cap`` on the data array.
+
+  A cap that is not a scalar takes Penzai's path (its axes are positional).
+  """
 
   def __call__(self, value: Any, **side_inputs) -> Any:
     cap = self.soft_cap
     out = None
-    if isinstance(value, pz.nx.NamedArrayBase):
+    if jnp.ndim(cap) == 0:
       out = elementwise(lambda x: jnp.tanh(x / cap) * cap, value)
     return super().__call__(value, **side_inputs) if out is None else out
 
@@ -169,17 +169,13 @@ class PositionalNamedEinsum(pz.nn.NamedEinsum):
 
 
 def _add(a: Any, b: Any) -> Any:
-  out = elementwise(jnp.add, a, b) if _both_named(a, b) else None
+  out = elementwise(jnp.add, a, b)
   return a + b if out is None else out
 
 
 def _multiply(a: Any, b: Any) -> Any:
-  out = elementwise(jnp.multiply, a, b) if _both_named(a, b) else None
+  out = elementwise(jnp.multiply, a, b)
   return a * b if out is None else out
-
-
-def _both_named(a: Any, b: Any) -> bool:
-  return isinstance(a, pz.nx.NamedArrayBase) and isinstance(b, pz.nx.NamedArrayBase)
 
 
 @pz.pytree_dataclass(
@@ -211,14 +207,16 @@ class PositionalBranchAndMultiplyTogether(pz.nn.BranchAndMultiplyTogether):
   has_implicitly_inherited_fields=True
 )  # pytype: disable=wrong-keyword-args
 class PositionalConstantRescale(pz.nn.ConstantRescale):
-  """``pz.nn.ConstantRescale`` on the data array."""
+  """``pz.nn.ConstantRescale`` on the data array.
+
+  A factor that is not a scalar takes Penzai's path (its axes are positional).
+  """
 
   def __call__(self, value: Any, **side_inputs) -> Any:
-    if isinstance(value, pz.nx.NamedArrayBase):
+    out = None
+    if jnp.ndim(self.by) == 0:
       out = elementwise(lambda x: x * self.by, value)
-      if out is not None:
-        return out
-    return super().__call__(value, **side_inputs)
+    return super().__call__(value, **side_inputs) if out is None else out
 
 
 POSITIONAL_LAYERS = (

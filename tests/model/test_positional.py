@@ -240,3 +240,36 @@ def test_models_match_their_penzai_layer_twins(family):
   assert pz.select(model).at_instances_of(positional_layers.POSITIONAL_LAYERS).count()
   tokens = pz.nx.wrap(jnp.asarray(RNG.integers(0, 100, (2, 9)))).tag("batch", "seq")
   close(model(tokens), twin(tokens), atol=2e-5)
+
+
+def _outcome(layer, x):
+  """What ``layer(x)`` gives: an exception type, or the result with any
+  positional axis named (so that `close` can compare it)."""
+  try:
+    out = layer(x)
+  except Exception as e:  # noqa: BLE001 - the type is the outcome compared
+    return type(e)
+  return out.tag("extra") if out.positional_shape else out
+
+
+@pytest.mark.parametrize("order", [("seq", "embedding"), ("embedding", "seq")])
+def test_non_scalar_factors_take_penzai_path(order):
+  """Penzai combines a vector rescale or cap with the data positionally (so
+  its result depends on the layout); ours gives exactly what Penzai gives."""
+  x = named({"seq": 3, "embedding": 4}, order)
+  vector = jnp.asarray([0.5, 1.0, 2.0, 4.0], jnp.float32)
+  pairs = [
+    (
+      pz.nn.ConstantRescale(vector),
+      positional_layers.PositionalConstantRescale(vector),
+    ),
+    (pz.nn.TanhSoftCap(vector), positional_layers.PositionalTanhSoftCap(vector)),
+  ]
+  for theirs, ours in pairs:
+    expected, got = _outcome(theirs, x), _outcome(ours, x)
+    if isinstance(expected, type):
+      assert got is expected
+    else:
+      close(got, expected)
+  assert positional.elementwise(jnp.multiply, x, vector) is None
+  assert positional.elementwise(jnp.multiply, vector, vector) is None
